@@ -1,0 +1,5 @@
+import sys
+
+from hpcdiff.cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""Who am I, how many are we, and a torch.distributed group that never hangs silently.
+
+Rank and world size are read once from a table of launcher variables and passed on explicitly, so nothing below
+this module reads the environment. Bring-up is race-free: rank 0 opens a ``TCPStore`` on a port the OS picks and
+broadcasts it over MPI (FIELD-NOTES: broadcasting a "free port" instead races). Every collective carries a timeout,
+so a dead peer ends the job in bounded time instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Launcher = Literal["single", "mpirun", "srun", "torchrun"]
+
+# (launcher, rank, world size, local rank, local world size); first match wins. torchrun comes first because it
+# may itself run inside an srun step; srun is recognised by its *step* variables only, because a batch script
+# also carries SLURM_PROCID/SLURM_NTASKS while being one process.
+_LAUNCHER_TABLE: tuple[tuple[Launcher, str, str, str, str], ...] = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    (
+        "mpirun",
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
+    ("mpirun", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("srun", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
+)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where this process stands among its peers; plain data, testable without any launcher."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launcher: Launcher
+    job_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} outside world of size {self.world_size}")
+        if not 0 <= self.local_rank < self.local_world_size:
+            raise ValueError(f"local rank {self.local_rank} outside node of size {self.local_world_size}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def single_node(self) -> bool:
+        return self.local_world_size == self.world_size
+
+
+def _int(env: Mapping[str, str], key: str, default: int) -> int:
+    value = env.get(key, "")
+    # SLURM_STEP_TASKS_PER_NODE looks like "2(x3)" or "2,1": the first node's count is ours only on the first
+    # node, so a malformed or compound value falls back to the default.
+    try:
+        return int(value)
+    except ValueError:
+        return default
+
+
+def detect_topology(env: Mapping[str, str] | None = None) -> Topology:
+    """Read rank and world size from the first launcher whose variables are present.
+
+    One process with no launcher is a world of size 1.
+    """
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID") or None
+    for launcher, k_rank, k_size, k_local, k_local_size in _LAUNCHER_TABLE:
+        if k_rank in env and k_size in env:
+            if launcher == "srun" and "SLURM_STEP_ID" not in env:
+                continue
+            rank, size = int(env[k_rank]), int(env[k_size])
+            local_rank = _int(env, k_local, 0 if size == 1 else rank)
+            local_size = _int(env, k_local_size, size)
+            if local_rank >= local_size:
+                local_size = max(local_rank + 1, size)
+            return Topology(rank, size, local_rank, local_size, launcher, job_id)
+    return Topology(0, 1, 0, 1, "single", job_id)
+
+
+@dataclass
+class Context:
+    """A brought-up process group (or a world of one) with the few collectives hpcdiff needs."""
+
+    topology: Topology
+    device: Any  # torch.device; typed loosely so importing this module does not import torch
+    backend: str | None
+    timeout_s: float
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.topology.is_main
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            import torch.distributed as tdist
+
+            # gloo's barrier honours the group timeout; a monitored barrier names the missing rank.
+            if self.backend == "gloo":
+                tdist.monitored_barrier(timeout=_dt.timedelta(seconds=self.timeout_s))
+            else:
+                tdist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on at least one: how ranks agree to stop at a step boundary."""
+        if not self.distributed:
+            return flag
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_reduce_sum(self, tensor: Any) -> Any:
+        """Sum a tensor over ranks in place and return it."""
+        if self.distributed:
+            import torch.distributed as tdist
+
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Gather one picklable object from every rank, in rank order."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as tdist
+
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.distributed:
+            return obj
+        import torch.distributed as tdist
+
+        box = [obj]
+        tdist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def close(self) -> None:
+        """Tear the group down; safe to call twice and after a failure."""
+        if self.distributed:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+            self.backend = None
+
+
+def abort_peers(code: int) -> None:
+    """End every rank of an MPI job now; for an error on one rank that the others cannot see.
+
+    A rank that exits on its own leaves its peers blocked in a collective until the timeout; MPI's abort ends
+    them at once and mpirun or srun reports the failure.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        sys.stderr.flush()
+        mpi.COMM_WORLD.Abort(code)
+
+
+def _abort_on_uncaught(exc_type, exc, tb) -> None:  # noqa: ANN001
+    sys.__excepthook__(exc_type, exc, tb)
+    abort_peers(1)
+
+
+def _store_via_mpi(topo: Topology, timeout: _dt.timedelta) -> Any:
+    """Rank 0 opens a TCPStore on an OS-chosen port; MPI broadcasts (host, port) to the others."""
+    import torch.distributed as tdist
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    sys.excepthook = _abort_on_uncaught
+    if comm.Get_size() != topo.world_size:
+        raise RuntimeError(
+            f"MPI sees {comm.Get_size()} ranks but the launcher says {topo.world_size}: "
+            "is mpi4py built against the MPI that launched this job?"
+        )
+    store = None
+    address = None
+    if topo.rank == 0:
+        host = "127.0.0.1" if topo.single_node else socket.gethostname()
+        store = tdist.TCPStore(
+            host, 0, topo.world_size, is_master=True, timeout=timeout, wait_for_workers=False
+        )
+        address = (host, store.port)
+    host, port = comm.bcast(address, root=0)
+    if store is None:
+        store = tdist.TCPStore(host, port, topo.world_size, is_master=False, timeout=timeout)
+    return store
+
+
+def init(
+    timeout_s: float = 300.0,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    topology: Topology | None = None,
+) -> Context:
+    """Bring up torch.distributed for this process (or nothing, for a world of one).
+
+    Args:
+        timeout_s: every collective fails after this many seconds instead of waiting for a dead peer.
+        device: "auto" takes the GPU of this local rank when CUDA is present, else the CPU.
+        topology: who this process is; read from the launcher variables when omitted.
+    """
+    import torch
+    import torch.distributed as tdist
+
+    topo = topology or detect_topology()
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        dev = torch.device("cuda", topo.local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if topo.world_size == 1:
+        return Context(topo, dev, None, timeout_s)
+    backend = "nccl" if use_cuda else "gloo"
+    timeout = _dt.timedelta(seconds=timeout_s)
+    if topo.launcher == "torchrun":
+        tdist.init_process_group(backend, rank=topo.rank, world_size=topo.world_size, timeout=timeout)
+    else:
+        store = _store_via_mpi(topo, timeout)
+        tdist.init_process_group(
+            backend, store=store, rank=topo.rank, world_size=topo.world_size, timeout=timeout
+        )
+    return Context(topo, dev, backend, timeout_s)

@@ -1,0 +1,49 @@
+"""Exception family and exit codes of the CLI contract (DESIGN.md).
+
+Library code raises these; only ``cli.py`` turns them into exit codes, so every part stays usable from Python.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_BAD_DATA = 3
+EXIT_REQUEUE = 75
+
+
+class HpcdiffError(Exception):
+    """Base of every error hpcdiff reports to a user rather than crashing on."""
+
+    exit_code = 1
+
+
+class ConfigError(HpcdiffError, ValueError):
+    """A config key, type or value is wrong; the message names the key and the fix."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(HpcdiffError, ValueError):
+    """A command was called wrongly (a bad argument or a missing prerequisite)."""
+
+    exit_code = EXIT_USAGE
+
+
+class DataError(HpcdiffError):
+    """Input data cannot be used; the message names the file and what is wrong with it."""
+
+    exit_code = EXIT_BAD_DATA
+
+
+class ShardError(DataError):
+    """A shard or its manifest is missing, truncated or inconsistent."""
+
+
+class CheckpointError(HpcdiffError):
+    """No valid checkpoint could be written or read."""
+
+
+class RunLockedError(HpcdiffError):
+    """Another live process holds the run directory's lock."""
+
+    exit_code = EXIT_USAGE

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Set up everything hpcdiff needs, idempotently: system MPI (and, with --test, Slurm, munge, hdf5-tools),
+# a .venv with a CPU build of torch where no NVIDIA GPU is present, and the package itself.
+# Usage: scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${HPCDIFF_TORCH_VERSION:-2.13.0}
+say() { printf '[setup] %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------------------------------
+need=()
+command -v mpirun >/dev/null || need+=(openmpi-bin libopenmpi-dev)
+if [ "$want_test" = 1 ]; then
+  command -v slurmctld >/dev/null || need+=(slurmctld)
+  command -v slurmd >/dev/null || need+=(slurmd)
+  command -v sbatch >/dev/null || need+=(slurm-client)
+  command -v munged >/dev/null || need+=(munge)
+  command -v h5dump >/dev/null || need+=(hdf5-tools)
+fi
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing system packages: ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    say "missing system packages: ${need[*]}"
+    say "without root, load them as modules instead, e.g. 'module load openmpi' (and 'module load slurm'),"
+    say "then run this again."
+    exit 1
+  fi
+fi
+
+# --- virtual environment ---------------------------------------------------------------------------
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+fi
+PIP=("$VENV/bin/python" -m pip install -q)
+stamp="$VENV/.hpcdiff-setup"
+want="$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)-test$want_test"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+# A CPU build of torch where there is no NVIDIA GPU: never pull the multi-GB CUDA wheels there.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
+    say "NVIDIA GPU found: installing the CUDA build of torch"
+    "${PIP[@]}" "torch>=2.3"
+  else
+    say "no NVIDIA GPU: installing the CPU build of torch $TORCH_VERSION"
+    "${PIP[@]}" "torch==$TORCH_VERSION+cpu" 2>/dev/null ||
+      "${PIP[@]}" "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+extras=""
+[ "$want_test" = 1 ] && extras="[test]"
+say "installing hpcdiff$extras"
+"${PIP[@]}" -e ".$extras"
+echo "$want" >"$stamp"
+say "done"

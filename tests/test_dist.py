@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from hpcdiff.dist import Topology, detect_topology
+from tests.harness import PYTHON, ROOT, assert_ok, mpirun, run
+
+WORKER = ROOT / "tests" / "workers" / "allreduce_ddp.py"
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, Topology(0, 1, 0, 1, "single")),
+        (
+            {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+             "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+            Topology(1, 4, 1, 2, "mpirun"),
+        ),
+        (
+            {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
+             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "77"},
+            Topology(3, 4, 1, 2, "srun", "77"),
+        ),
+        (
+            {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "SLURM_PROCID": "0",
+             "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_ID": "0"},
+            Topology(2, 3, 0, 1, "torchrun"),
+        ),
+        # A batch script carries SLURM_PROCID/SLURM_NTASKS but is one process: a world of one.
+        ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "5"}, Topology(0, 1, 0, 1, "single", "5")),
+    ],
+)
+def test_topology_is_read_from_the_launcher_table(env, expected):
+    assert detect_topology(env) == expected
+
+
+def test_topology_rejects_impossible_ranks():
+    with pytest.raises(ValueError, match="outside world"):
+        Topology(2, 2, 0, 1, "mpirun")
+
+
+def test_allreduce_and_ddp_step_single_process():
+    proc = run([PYTHON, WORKER], timeout=120)
+    assert_ok(proc)
+    out = _last_json(proc.stdout)
+    assert out["world_size"] == 1 and out["sum"] == 1.0
+
+
+@pytest.mark.mpi
+def test_allreduce_and_ddp_step_under_mpirun_matches_one_rank():
+    single = _last_json(run([PYTHON, WORKER], timeout=120).stdout)
+    proc = mpirun(2, [PYTHON, WORKER], timeout=90)
+    assert_ok(proc)
+    out = _last_json(proc.stdout)
+    assert out["world_size"] == 2 and out["launcher"] == "mpirun"
+    assert out["sum"] == 3.0  # 1 + 2
+    assert out["identical_across_ranks"]
+    # 2 ranks x 4 rows == 1 rank x 8 rows, to floating-point tolerance (the reduction order differs).
+    assert out["params"] == pytest.approx(single["params"], abs=1e-6)
