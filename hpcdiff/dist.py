@@ -207,9 +207,7 @@ def _store_via_mpi(topo: Topology, timeout: _dt.timedelta) -> Any:
     address = None
     if topo.rank == 0:
         host = "127.0.0.1" if topo.single_node else socket.gethostname()
-        store = tdist.TCPStore(
-            host, 0, topo.world_size, is_master=True, timeout=timeout, wait_for_workers=False
-        )
+        store = tdist.TCPStore(host, 0, topo.world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         address = (host, store.port)
     host, port = comm.bcast(address, root=0)
     if store is None:
@@ -247,7 +245,5 @@ def init(
         tdist.init_process_group(backend, rank=topo.rank, world_size=topo.world_size, timeout=timeout)
     else:
         store = _store_via_mpi(topo, timeout)
-        tdist.init_process_group(
-            backend, store=store, rank=topo.rank, world_size=topo.world_size, timeout=timeout
-        )
+        tdist.init_process_group(backend, store=store, rank=topo.rank, world_size=topo.world_size, timeout=timeout)
     return Context(topo, dev, backend, timeout_s)

@@ -98,6 +98,5 @@ def hpcdiff(*args: object, timeout: float = 120, env: Mapping[str, str] | None =
 
 def assert_ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> None:
     assert proc.returncode == code, (
-        f"exit {proc.returncode} (wanted {code}) from {proc.args}\n--- stdout\n{proc.stdout}\n"
-        f"--- stderr\n{proc.stderr}"
+        f"exit {proc.returncode} (wanted {code}) from {proc.args}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )

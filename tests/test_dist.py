@@ -17,18 +17,35 @@ def _last_json(stdout: str) -> dict:
     [
         ({}, Topology(0, 1, 0, 1, "single")),
         (
-            {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-             "OMPI_COMM_WORLD_LOCAL_SIZE": "2"},
+            {
+                "OMPI_COMM_WORLD_RANK": "1",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            },
             Topology(1, 4, 1, 2, "mpirun"),
         ),
         (
-            {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
-             "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "77"},
+            {
+                "SLURM_PROCID": "3",
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_LOCALID": "1",
+                "SLURM_STEP_ID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "2",
+                "SLURM_JOB_ID": "77",
+            },
             Topology(3, 4, 1, 2, "srun", "77"),
         ),
         (
-            {"RANK": "2", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "SLURM_PROCID": "0",
-             "SLURM_STEP_NUM_TASKS": "1", "SLURM_STEP_ID": "0"},
+            {
+                "RANK": "2",
+                "WORLD_SIZE": "3",
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": "1",
+                "SLURM_PROCID": "0",
+                "SLURM_STEP_NUM_TASKS": "1",
+                "SLURM_STEP_ID": "0",
+            },
             Topology(2, 3, 0, 1, "torchrun"),
         ),
         # A batch script carries SLURM_PROCID/SLURM_NTASKS but is one process: a world of one.
