@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from hpcdiff.dist import abort_peers
 from hpcdiff.errors import EXIT_REQUEUE, EXIT_USAGE, HpcdiffError
@@ -50,7 +51,151 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (_add_doctor,)
+# ---------------------------------------------------------------- train
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model; resumes from the newest valid checkpoint in --run-dir")
+    p.add_argument("config", help="job config YAML (see jobs/)")
+    p.add_argument("--run-dir", required=True, help="run directory: checkpoints, status, logs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
+    p.add_argument("--quiet", action="store_true", help="plain periodic log lines, no progress bar")
+    p.set_defaults(handler=_run_train)
+
+
+def _setup_rank_logging(log_file: Path, rank: int, quiet: bool) -> None:
+    """One log file per rank; only rank 0 also talks to the terminal."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s rank%(rank)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RankFilter(rank))
+    root.addHandler(handler)
+    if rank != 0:
+        for h in root.handlers:
+            if h is not handler:
+                h.setLevel(logging.WARNING)
+
+
+class _RankFilter(logging.Filter):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.rank = self.rank
+        return True
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff import dist
+    from hpcdiff.launch.slurm_env import job_deadline
+    from hpcdiff.runstate import RunDir
+    from hpcdiff.train import train
+    from hpcdiff.train_config import load_job
+
+    job = load_job(args.config, args.set)
+    run = RunDir(args.run_dir)
+    topology = dist.detect_topology()
+    _setup_rank_logging(run.rank_log(topology.rank), topology.rank, args.quiet)
+    ctx = dist.init(timeout_s=job.train.collective_timeout_s, topology=topology)
+    try:
+        return train(
+            job,
+            run,
+            ctx,
+            deadline=job_deadline(os.environ),
+            allow_config_change=args.allow_config_change,
+            progress=not args.quiet,
+        )
+    finally:
+        ctx.close()
+
+
+# ---------------------------------------------------------------- submit
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="run a training job in the background: local supervisor or Slurm")
+    p.add_argument("config", help="job config YAML")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--backend", choices=("local",), default="local")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    local = p.add_argument_group("local backend")
+    local.add_argument("--ranks", type=_positive, default=1, help="mpirun ranks")
+    local.add_argument("--max-restarts", type=int, default=3, help="restarts after a crash or a clean stop")
+    p.set_defaults(handler=_run_submit)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    from hpcdiff.launch.local import start_detached
+    from hpcdiff.train_config import load_job
+
+    load_job(args.config, args.set)  # refuse a bad config now, not in the background
+    pid = start_detached(Path(args.config), Path(args.run_dir), args.ranks, args.max_restarts, args.set)
+    print(f"supervisor {pid} runs {args.run_dir}; follow it with: hpcdiff status {args.run_dir}")
+    return 0
+
+
+# ------------------------------------------------------ status, logs, inspect
+def _add_status(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="state of a run, from its run directory alone")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from hpcdiff.report import describe_status, read_status
+
+    status = read_status(Path(args.run_dir))
+    print(json.dumps(status, indent=2, sort_keys=True) if args.json else describe_status(status))
+    return 0
+
+
+def _add_logs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("logs", help="a rank's log of a run (rank 0 by default)")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the run ends")
+    p.set_defaults(handler=_run_logs)
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    from hpcdiff.report import print_logs
+
+    return print_logs(Path(args.run_dir), rank=args.rank, follow=args.follow)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="checkpoints of a run with their validity, step and weights digest")
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_run_inspect)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from hpcdiff.report import describe_inspect, inspect_run
+
+    report = inspect_run(Path(args.run_dir))
+    print(json.dumps(report, indent=2) if args.json else describe_inspect(report))
+    return 0
+
+
+COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_doctor,
+    _add_train,
+    _add_submit,
+    _add_status,
+    _add_logs,
+    _add_inspect,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import datetime as _dt
 import os
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -126,16 +126,19 @@ class Context:
             else:
                 tdist.barrier()
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on at least one: how ranks agree to stop at a step boundary."""
+    def agree(self, flags: Sequence[bool]) -> list[bool]:
+        """Each flag true on every rank when it is true on at least one, in one collective.
+
+        This is how ranks agree to checkpoint or stop at a step boundary.
+        """
         if not self.distributed:
-            return flag
+            return list(flags)
         import torch
         import torch.distributed as tdist
 
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
+        t = torch.tensor([1 if f else 0 for f in flags], dtype=torch.int32, device=self.device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item())
+        return [bool(v) for v in t.tolist()]
 
     def all_reduce_sum(self, tensor: Any) -> Any:
         """Sum a tensor over ranks in place and return it."""

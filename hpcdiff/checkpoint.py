@@ -1,0 +1,195 @@
+"""Atomic, verified checkpoints with a LATEST pointer and retention that never loses the last good one.
+
+A checkpoint is a folder ``step-000000123/`` holding ``state.pt`` and, written last, ``COMPLETE.json`` with the
+file's size and sha256. It is assembled under a temporary name, fsynced, then renamed into place: without the
+marker (or with a checksum that does not match) it does not exist. Loading walks back from the newest folder to
+the newest *valid* one, saying which it skipped and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcdiff.errors import CheckpointError
+from hpcdiff.runstate import atomic_write, fsync_dir
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^step-(\d{9})$")
+MARKER = "COMPLETE.json"
+STATE = "state.pt"
+LATEST = "LATEST"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One checkpoint folder and what verification found."""
+
+    path: Path
+    step: int
+    valid: bool
+    reason: str = ""
+    weights_sha256: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "step": self.step,
+            "valid": self.valid,
+            "reason": self.reason,
+            "weights_sha256": self.weights_sha256,
+        }
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(*state_dicts: Mapping[str, torch.Tensor]) -> str:
+    """Digest of tensors in canonical order (name, dtype, shape, bytes): equal digests = bitwise-equal weights."""
+    h = hashlib.sha256()
+    for i, sd in enumerate(state_dicts):
+        for name in sorted(sd):
+            t = sd[name].detach().to("cpu").contiguous()
+            h.update(f"{i}/{name}/{t.dtype}/{tuple(t.shape)}\n".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:09d}"
+
+
+def verify(path: Path) -> CheckpointInfo:
+    """Check a checkpoint folder against its completion marker."""
+    m = _NAME.match(path.name)
+    step = int(m.group(1)) if m else -1
+    marker = path / MARKER
+    if not marker.is_file():
+        return CheckpointInfo(path, step, False, "no completion marker (interrupted while writing)")
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return CheckpointInfo(path, step, False, f"unreadable marker: {e}")
+    state = path / STATE
+    if not state.is_file():
+        return CheckpointInfo(path, step, False, f"{STATE} missing")
+    size = state.stat().st_size
+    if size != meta.get("size"):
+        return CheckpointInfo(path, step, False, f"{STATE} has {size} bytes, marker says {meta.get('size')}")
+    if _sha256_file(state) != meta.get("sha256"):
+        return CheckpointInfo(path, step, False, f"{STATE} checksum differs from the marker (corrupted)")
+    return CheckpointInfo(path, step, True, "", meta.get("weights_sha256"))
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """Every checkpoint folder under ``root``, newest first, verified."""
+    if not root.is_dir():
+        return []
+    dirs = sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True)
+    return [verify(p) for p in dirs]
+
+
+def latest_valid(root: Path) -> CheckpointInfo | None:
+    """The newest valid checkpoint; newer invalid ones are reported and skipped."""
+    for info in list_checkpoints(root):
+        if info.valid:
+            return info
+        log.warning("skipping checkpoint %s: %s", info.path, info.reason)
+    return None
+
+
+def save(root: Path, step: int, state: dict[str, Any], digest: str) -> CheckpointInfo:
+    """Write ``state`` as checkpoint ``step`` atomically and verify it before it counts.
+
+    Args:
+        root: the run's checkpoints folder.
+        step: optimizer steps taken; names the folder.
+        state: tensors and plain values only (it must load with ``weights_only=True``).
+        digest: ``weights_sha256`` of model and EMA, stored in the marker for ``inspect``.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    existing = verify(final) if final.exists() else None
+    if existing is not None and existing.valid:
+        # A resumed run re-reaching a saved step produces the same bytes (exact resume): keep the first copy.
+        _point_latest(root, final)
+        return existing
+    tmp = root / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    tmp.mkdir()
+    state_path = tmp / STATE
+    with open(state_path, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    meta = {
+        "step": step,
+        "size": state_path.stat().st_size,
+        "sha256": _sha256_file(state_path),
+        "weights_sha256": digest,
+        "time": time.time(),
+    }
+    atomic_write(tmp / MARKER, json.dumps(meta, indent=1).encode())
+    if existing is not None:
+        # An invalid folder with our name (a torn earlier write) is moved aside, never left half-replaced.
+        shutil.rmtree(existing.path)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    info = verify(final)
+    if not info.valid:
+        raise CheckpointError(f"checkpoint {final} failed verification right after writing: {info.reason}")
+    _point_latest(root, final)
+    return info
+
+
+def _point_latest(root: Path, final: Path) -> None:
+    atomic_write(root / LATEST, (final.name + "\n").encode())
+
+
+def load(info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a verified checkpoint's state with ``weights_only=True`` (no code runs from the file)."""
+    try:
+        with open(info.path / STATE, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several kinds for a bad archive
+        raise CheckpointError(f"cannot load {info.path / STATE}: {e}") from e
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int | None = None) -> list[Path]:
+    """Delete old checkpoints, keeping the newest ``keep_last`` valid ones and every ``keep_every``-th step.
+
+    Only folders older than the newest valid checkpoint are candidates, so the last valid one always survives
+    until a newer one has been verified. Returns the removed folders.
+    """
+    infos = list_checkpoints(root)
+    valid = [i for i in infos if i.valid]
+    if not valid:
+        return []
+    keep = {i.path for i in valid[: max(keep_last, 1)]}
+    if keep_every:
+        keep |= {i.path for i in valid if i.step % keep_every == 0}
+    newest_step = valid[0].step
+    removed = []
+    for info in infos:
+        if info.path not in keep and info.step < newest_step:
+            shutil.rmtree(info.path, ignore_errors=True)
+            removed.append(info.path)
+    for stale in root.glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return removed

@@ -1,0 +1,364 @@
+"""The training loop: build the parts, resume from the newest valid checkpoint, step, checkpoint, stop cleanly.
+
+Exact resume rests on two facts: data order is a function of (seed, stream position), and every random draw of
+a step (noise, timesteps, condition dropout, dropout) comes from generators seeded by (seed, step, rank, micro).
+So the resume state is the step, the stream position and the tensors; a resumed run repeats the uninterrupted
+one bit for bit. The loop does not know who launched it: it gets a ``dist.Context`` and a run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from hpcdiff import checkpoint
+from hpcdiff.config import build, diff
+from hpcdiff.data.loader import Loader
+from hpcdiff.data.shards import ShardSet
+from hpcdiff.dist import Context
+from hpcdiff.errors import EXIT_REQUEUE, ConfigError
+from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.runstate import RunDir
+from hpcdiff.signals import StopFlag
+from hpcdiff.train_config import JobConfig, job_to_dict
+
+log = logging.getLogger(__name__)
+CHECKPOINT_FORMAT = 1
+
+
+def seed_for(seed: int, *counters: int) -> int:
+    """A 63-bit seed from the run seed and counters (step, rank, micro-batch): independent streams per step."""
+    key = "/".join(str(c) for c in (seed, *counters)).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def lr_at(job: JobConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to lr x min_lr_ratio: a pure function of the step, nothing to save."""
+    o, total = job.optim, job.train.steps
+    if o.warmup_steps and step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def covariate_specs(shards: ShardSet, wanted: list[str] | None) -> list[CovariateSpec]:
+    """Conditioning specs from the manifest's covariate schema (standardisation from the training cohort)."""
+    schema = shards.covariates
+    names = list(schema) if wanted is None else wanted
+    specs = []
+    for name in names:
+        if name not in schema:
+            raise ConfigError(f"data.covariates: {name!r} is not in the shards' covariates {sorted(schema)}")
+        s = schema[name]
+        if s["kind"] == "categorical":
+            specs.append(CovariateSpec(name=name, kind="categorical", levels=list(s["levels"])))
+        else:
+            specs.append(CovariateSpec(name=name, kind="continuous", mean=s["mean"], std=s["std"] or 1.0))
+    return specs
+
+
+def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
+    for key in ("dims", "covariates"):
+        if key in job.model:
+            raise ConfigError(f"model.{key} is set from data (data.mode and data.covariates); remove it")
+    dims = 3 if job.data.mode == "3d" else 2
+    cfg = build(UNetConfig, {**job.model, "dims": dims}, "model")
+    cfg.covariates = specs
+    return cfg
+
+
+def build_objective_from(job: JobConfig) -> Any:
+    return build_objective(build(ObjectiveConfig, job.objective, "objective"))
+
+
+@dataclass
+class _Parts:
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    position: int = 0
+
+
+def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "step": parts.step,
+        "position": parts.position,
+        "world_size": ctx.world_size,
+        "model": parts.model.state_dict(),
+        "ema": parts.ema.state_dict(),
+        "optimizer": parts.optimizer.state_dict(),
+        "config": job_to_dict(job),
+    }
+
+
+def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> str | None:
+    """Freeze the config at first start, or refuse a changed one; returns an error message or None."""
+    new = job_to_dict(job)
+    old = run.read_config()
+    if old is None:
+        run.freeze_config(new)
+        return None
+    changes = diff(old, new)
+    if changes and not allow_config_change:
+        return (
+            f"the config differs from the one frozen in {run.config}: "
+            + "; ".join(changes)
+            + ". Resume with the same config, or pass --allow-config-change to accept the new one."
+        )
+    if changes:
+        run.event("config_change", changes=changes)
+        run.freeze_config(new)
+    return None
+
+
+def train(
+    job: JobConfig,
+    run: RunDir,
+    ctx: Context,
+    *,
+    deadline: float | None = None,
+    allow_config_change: bool = False,
+    progress: bool = False,
+) -> int:
+    """Train until ``job.train.steps`` or a stop request; return 0 (done) or 75 (checkpointed, requeue me).
+
+    Args:
+        job: the checked job config.
+        run: the run directory; rank 0 is its only writer.
+        ctx: the brought-up process group (or a world of one).
+        deadline: wall-clock time (``time.time()``) when the job will be killed, e.g. a Slurm time limit.
+        allow_config_change: accept a config that differs from the frozen one.
+        progress: show a progress bar on rank 0.
+    """
+    error = None
+    if ctx.is_main:
+        run.acquire_lock()
+        error = _prepare_run_dir(job, run, allow_config_change)
+    error = ctx.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+
+    shards = ShardSet.open(job.data.shards)
+    specs = covariate_specs(shards, job.data.covariates)
+    device = ctx.device
+    torch.manual_seed(seed_for(job.train.seed, -1))
+    model = UNet(build_model_config(job, specs)).to(device)
+    objective = build_objective_from(job)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay
+    )
+    parts = _Parts(model, ema, optimizer)
+
+    ckroot = run.checkpoints
+    resumed = checkpoint.latest_valid(ckroot)
+    if resumed is not None:
+        state = checkpoint.load(resumed, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        parts.step, parts.position = int(state["step"]), int(state["position"])
+        log.info("resumed from %s (step %d)", resumed.path, parts.step)
+
+    if ctx.is_main:
+        previous = run.read_status()
+        starts = int(previous.get("starts", 0)) + 1
+        job_ids = list(previous.get("job_ids", []))
+        if ctx.topology.job_id and ctx.topology.job_id not in job_ids:
+            job_ids.append(ctx.topology.job_id)
+        if resumed is not None:
+            run.truncate_metrics(parts.step)
+        run.update_status(
+            state="running",
+            step=parts.step,
+            total_steps=job.train.steps,
+            starts=starts,
+            restarts=starts - 1,
+            job_ids=job_ids,
+            world_size=ctx.world_size,
+            heartbeat=time.time(),
+            last_checkpoint=str(resumed.path) if resumed else None,
+        )
+        run.event("start" if resumed is None else "restart", step=parts.step, world_size=ctx.world_size)
+
+    if parts.step >= job.train.steps:
+        log.info("run already complete at step %d", parts.step)
+        if ctx.is_main:
+            run.update_status(state="completed")
+        return 0
+
+    net: torch.nn.Module = DistributedDataParallel(model) if ctx.distributed else model
+    cpu_bf16 = job.train.precision == "bf16" and device.type != "cuda"
+    if cpu_bf16:
+        log.warning("train.precision=bf16 applies on GPU only; training in fp32 on %s", device)
+    use_bf16 = job.train.precision == "bf16" and device.type == "cuda"
+    loader = Loader(
+        shards,
+        batch_size=job.data.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=job.train.seed,
+        start_position=parts.position,
+        mode=job.data.mode,
+        slice_axis=job.data.slice_axis,
+        prefetch=job.data.prefetch,
+    )
+    stop = StopFlag().install()
+    try:
+        return _loop(job, run, ctx, parts, net, objective, loader, stop, deadline, use_bf16, progress)
+    except BaseException as e:
+        if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt):
+            run.update_status(state="failed", error=f"{type(e).__name__}: {e}")
+            run.event("error", step=parts.step, error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        stop.restore()
+        loader.close()
+        shards.close()
+        if ctx.is_main:
+            run.release_lock()
+
+
+def _loop(
+    job: JobConfig,
+    run: RunDir,
+    ctx: Context,
+    parts: _Parts,
+    net: torch.nn.Module,
+    objective: Any,
+    loader: Loader,
+    stop: StopFlag,
+    deadline: float | None,
+    use_bf16: bool,
+    progress: bool,
+) -> int:
+    device = ctx.device
+    t_cfg, o_cfg = job.train, job.optim
+    global_batch = job.data.batch_size * ctx.world_size
+    batches = iter(loader)
+    bar = _progress_bar(parts.step, t_cfg.steps) if progress and ctx.is_main else None
+    last_ckpt = last_beat = time.monotonic()
+    while parts.step < t_cfg.steps:
+        step = parts.step
+        t0 = time.perf_counter()
+        lr = lr_at(job, step)
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=device)
+        data_wait = 0.0
+        for micro in range(o_cfg.grad_accum):
+            tw = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - tw
+            x = batch.x.to(device, non_blocking=True)
+            cov = {k: v.to(device, non_blocking=True) for k, v in batch.covariates.items()} or None
+            seed = seed_for(t_cfg.seed, step, ctx.rank, micro)
+            torch.manual_seed(seed)  # dropout inside the model draws from the global generator
+            gen = torch.Generator(device=device).manual_seed(seed)
+            last = micro == o_cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not ctx.distributed else net.no_sync()
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+            with sync, autocast:
+                loss = objective.loss(net, x, cov, gen, cond_drop_prob=t_cfg.cond_drop_prob)
+                (loss / o_cfg.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        if not torch.isfinite(loss_sum):
+            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
+        if o_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
+        parts.optimizer.step()
+        _ema_update(parts.ema, parts.model, o_cfg.ema_decay, step)
+        parts.step = step + 1
+        parts.position += global_batch * o_cfg.grad_accum
+
+        loss_mean = ctx.all_reduce_sum(loss_sum / o_cfg.grad_accum).item() / ctx.world_size
+        now = time.monotonic()
+        flags = [
+            stop.raised,
+            t_cfg.checkpoint_every_s is not None and now - last_ckpt >= t_cfg.checkpoint_every_s,
+            deadline is not None and time.time() >= deadline - t_cfg.stop_margin_s,
+        ]
+        agreed = ctx.agree(flags)
+        stopping = agreed[0] or agreed[2]
+        elapsed = time.perf_counter() - t0
+        if ctx.is_main:
+            row = {
+                "step": parts.step,
+                "loss": loss_mean,
+                "lr": lr,
+                "samples_per_s": global_batch * o_cfg.grad_accum / elapsed,
+                "data_wait_s": data_wait,
+                "time": time.time(),
+            }
+            run.metric(row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_mean:.4f}")
+            elif parts.step % t_cfg.log_every == 0 or parts.step == t_cfg.steps:
+                log.info("step %d/%d loss %.5f lr %.2e", parts.step, t_cfg.steps, loss_mean, lr)
+            if now - last_beat >= t_cfg.heartbeat_s:
+                run.update_status(heartbeat=time.time(), step=parts.step)
+                last_beat = now
+        due = parts.step % t_cfg.checkpoint_every == 0 or parts.step == t_cfg.steps
+        if due or stopping or agreed[1]:
+            _save(parts, job, ctx, run)
+            last_ckpt = time.monotonic()
+        if stopping:
+            why = stop.signal_name or ("time limit" if agreed[2] else "a peer's signal")
+            if ctx.is_main:
+                run.update_status(state="stopped", step=parts.step, heartbeat=time.time(), stop_reason=why)
+                run.event("signal", step=parts.step, reason=why)
+            log.info("stopped at step %d on %s after a checkpoint; exit %d to be requeued", parts.step, why, 75)
+            if bar is not None:
+                bar.close()
+            return EXIT_REQUEUE
+    if bar is not None:
+        bar.close()
+    if ctx.is_main:
+        run.update_status(state="completed", step=parts.step, heartbeat=time.time())
+        run.event("completed", step=parts.step)
+    return 0
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    # Warm the average up over the first steps so short runs still sample from trained weights.
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - d)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir) -> None:
+    """Rank 0 writes (weights are identical on every rank under DDP); all ranks wait for it to be verified."""
+    if ctx.is_main:
+        digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
+        t0 = time.perf_counter()
+        info = checkpoint.save(run.checkpoints, parts.step, _state(parts, job, ctx), digest)
+        stall = time.perf_counter() - t0
+        checkpoint.apply_retention(run.checkpoints, job.train.keep_last, job.train.keep_every)
+        run.update_status(last_checkpoint=str(info.path), step=parts.step, weights_sha256=digest)
+        run.event("checkpoint", step=parts.step, path=str(info.path), seconds=round(stall, 4))
+    ctx.barrier()
+
+
+def _progress_bar(start: int, total: int) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
