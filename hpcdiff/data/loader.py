@@ -1,0 +1,225 @@
+"""A distributed, exactly resumable loader over a ShardSet.
+
+The data stream is the infinite concatenation of per-epoch permutations ``perm(seed, epoch)`` of all subjects, and
+the only state is the global *position* in that stream (samples consumed so far). At a step starting at position
+``p`` with per-rank batch ``b`` and ``W`` ranks, rank ``r`` takes positions ``[p + r*b, p + (r+1)*b)`` and the next
+step starts at ``p + W*b``. Hence:
+
+- a loader started at position ``p`` yields exactly the tail of one started at 0 (mid-epoch restart);
+- each subject appears exactly once in every epoch's span of positions ``[e*N, (e+1)*N)``, for any ``W``, also when
+  ``W`` changes between steps (a resume on another number of ranks), because positions do not depend on ``W``;
+- remainder policy: nothing is dropped or padded. When ``W*b`` does not divide ``N`` a step's batches straddle the
+  epoch boundary: the first samples of the step close epoch ``e``, the rest open epoch ``e+1``.
+
+In 2d mode the slice of each sample is a function of (seed, stream position), so it survives resumes too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+
+from hpcdiff.data.shards import ShardSet
+
+_SLICE_STREAM = 0x2D  # separates the slice-choice random stream from the permutation stream
+
+
+@lru_cache(maxsize=4)
+def _permutation(num_subjects: int, seed: int, epoch: int) -> np.ndarray:
+    perm = np.random.Generator(np.random.PCG64([seed, epoch])).permutation(num_subjects)
+    perm.flags.writeable = False
+    return perm
+
+
+def stream_indices(num_subjects: int, seed: int, start: int, count: int) -> np.ndarray:
+    """Subject ids at stream positions ``[start, start + count)``; shape (count,), int64.
+
+    Position ``p`` is subject ``perm(seed, p // N)[p % N]``.
+    """
+    if num_subjects <= 0:
+        raise ValueError("the stream needs at least one subject")
+    if start < 0 or count < 0:
+        raise ValueError(f"start and count must be >= 0, got {start}, {count}")
+    positions = np.arange(start, start + count, dtype=np.int64)
+    out = np.empty(count, dtype=np.int64)
+    epochs = positions // num_subjects
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        out[sel] = _permutation(num_subjects, seed, int(epoch))[positions[sel] % num_subjects]
+    return out
+
+
+def slice_indices(size: int, seed: int, positions: np.ndarray, slice_range: tuple[float, float]) -> np.ndarray:
+    """The 2D slice for each stream position: uniform over ``slice_range`` of an axis of ``size``; shape like
+    ``positions``."""
+    lo = int(np.floor(slice_range[0] * size))
+    hi = max(lo + 1, int(np.ceil(slice_range[1] * size)))
+    hi = min(hi, size)
+    u = np.array([np.random.Generator(np.random.PCG64([seed, _SLICE_STREAM, int(p)])).random() for p in positions])
+    return lo + np.minimum((u * (hi - lo)).astype(np.int64), hi - lo - 1)
+
+
+@dataclass
+class Batch:
+    """One rank's share of one step."""
+
+    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode, (b, 1, *two remaining axes) in 2d mode, float32
+    covariates: dict[str, torch.Tensor]  # continuous: float32 raw values; categorical: int64 level index
+    indices: torch.Tensor  # (b,) int64 global subject ids
+    position: int  # stream position of this batch's first sample
+
+
+class Loader:
+    """Batches for one rank, read by a prefetch thread so decoding overlaps the model's step.
+
+    Args:
+        shards: the data; its files are opened lazily in this process.
+        batch_size: per-rank batch ``b``.
+        rank, world_size: this rank and the number of ranks ``W``.
+        seed: data-order seed (with the epoch it fixes the permutation; with the position the 2D slice).
+        start_position: global stream position of the first step (what a checkpoint stored as ``position``).
+        mode: "3d" volumes or "2d" slices along ``slice_axis`` (0, 1 or 2 of (D, H, W)).
+        slice_range: fractions of the axis the 2D slice is drawn from.
+        prefetch: batches read ahead; 0 reads synchronously in the caller's thread.
+    """
+
+    def __init__(
+        self,
+        shards: ShardSet,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_position: int = 0,
+        mode: Literal["3d", "2d"] = "3d",
+        slice_axis: int = 0,
+        slice_range: tuple[float, float] = (0.3, 0.7),
+        prefetch: int = 2,
+    ) -> None:
+        if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(f"need batch_size > 0 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        if mode not in ("3d", "2d"):
+            raise ValueError(f"mode must be '3d' or '2d', got {mode!r}")
+        if slice_axis not in (0, 1, 2):
+            raise ValueError(f"slice_axis must be 0, 1 or 2, got {slice_axis}")
+        if not 0.0 <= slice_range[0] < slice_range[1] <= 1.0:
+            raise ValueError(f"slice_range must satisfy 0 <= lo < hi <= 1, got {slice_range}")
+        if start_position < 0:
+            raise ValueError(f"start_position must be >= 0, got {start_position}")
+        self.shards = shards
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.position = start_position
+        self.mode = mode
+        self.slice_axis = slice_axis
+        self.slice_range = slice_range
+        self.prefetch = prefetch
+        self._table = self._covariate_table()
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _covariate_table(self) -> dict[str, np.ndarray]:
+        table = self.shards.subjects()
+        out: dict[str, np.ndarray] = {}
+        for name, spec in self.shards.covariates.items():
+            column = table[name]
+            if spec["kind"] == "categorical":
+                levels = {level: i for i, level in enumerate(spec["levels"])}
+                out[name] = np.array([levels.get(str(v), -1) for v in column], dtype=np.int64)
+            else:
+                out[name] = column.astype(np.float32)
+        return out
+
+    @property
+    def step_size(self) -> int:
+        """Stream positions one step consumes over all ranks: ``W * b``."""
+        return self.world_size * self.batch_size
+
+    def batch_at(self, step_position: int) -> Batch:
+        """This rank's batch of the step that starts at global stream position ``step_position``."""
+        first = step_position + self.rank * self.batch_size
+        indices = stream_indices(self.shards.num_subjects, self.seed, first, self.batch_size)
+        if self.mode == "3d":
+            buf = np.empty((self.batch_size, 1, *self.shards.shape), dtype=np.float16)
+            for i, index in enumerate(indices):
+                self.shards.read_into(int(index), buf[i, 0])
+        else:
+            axis = self.slice_axis
+            plane = tuple(s for a, s in enumerate(self.shards.shape) if a != axis)
+            positions = np.arange(first, first + self.batch_size)
+            slices = slice_indices(self.shards.shape[axis], self.seed, positions, self.slice_range)
+            buf = np.empty((self.batch_size, 1, *plane), dtype=np.float16)
+            for i, (index, s) in enumerate(zip(indices, slices)):
+                selection = tuple(int(s) if a == axis else slice(None) for a in range(3))
+                self.shards.read_into(int(index), buf[i, 0], selection)
+        return Batch(
+            x=torch.from_numpy(buf).float(),
+            covariates={name: torch.from_numpy(col[indices]) for name, col in self._table.items()},
+            indices=torch.from_numpy(indices),
+            position=first,
+        )
+
+    @staticmethod
+    def _put(out: queue.Queue, item: object, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _produce(self, start: int, out: queue.Queue, stop: threading.Event) -> None:
+        step_position = start
+        try:
+            while not stop.is_set():
+                self._put(out, self.batch_at(step_position), stop)
+                step_position += self.step_size
+        except BaseException as e:  # handed to the consumer, which re-raises it in its own thread
+            self._put(out, e, stop)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Infinite batches; step k starts at ``position_at_iter + k*W*b``; ``position`` moves as batches leave."""
+        self.close()
+        if self.prefetch <= 0:
+            while True:
+                batch = self.batch_at(self.position)
+                self.position += self.step_size
+                yield batch
+        out: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(self.position, out, stop), daemon=True)
+        self._stop, self._thread = stop, thread
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                self.position += self.step_size
+                yield item
+        finally:
+            if self._thread is thread:
+                self.close()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (batches it read ahead are discarded; ``position`` is unaffected)."""
+        if self._thread is not None and self._stop is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+        self._stop = self._thread = None
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
