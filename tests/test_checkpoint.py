@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from hpcdiff import checkpoint
+
+
+def _state(seed: int) -> tuple[dict, str]:
+    g = torch.Generator().manual_seed(seed)
+    model = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(3, generator=g)}
+    ema = {"w": model["w"] * 0.5, "b": model["b"] * 0.5}
+    opt = torch.optim.AdamW([torch.nn.Parameter(model["w"].clone())])
+    return {"model": model, "ema": ema, "optimizer": opt.state_dict(), "step": seed}, checkpoint.weights_sha256(
+        model, ema
+    )
+
+
+def test_save_load_round_trip_restores_every_field(tmp_path):
+    state, digest = _state(7)
+    info = checkpoint.save(tmp_path, 7, state, digest)
+    assert info.valid and info.weights_sha256 == digest
+    assert (tmp_path / "LATEST").read_text().strip() == "step-000000007"
+    back = checkpoint.load(info)
+    assert back["step"] == 7
+    for k in ("w", "b"):
+        assert torch.equal(back["model"][k], state["model"][k])
+        assert torch.equal(back["ema"][k], state["ema"][k])
+    assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+
+
+def test_weights_digest_changes_with_one_bit_and_not_with_order():
+    a = {"x": torch.zeros(3), "y": torch.ones(2)}
+    b = {"y": torch.ones(2), "x": torch.zeros(3)}
+    assert checkpoint.weights_sha256(a) == checkpoint.weights_sha256(b)
+    c = {"x": torch.tensor([0.0, 0.0, 1e-45]), "y": torch.ones(2)}
+    assert checkpoint.weights_sha256(a) != checkpoint.weights_sha256(c)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_marker"])
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, damage, caplog):
+    for step in (1, 2):
+        state, digest = _state(step)
+        checkpoint.save(tmp_path, step, state, digest)
+    newest = tmp_path / "step-000000002"
+    data = (newest / "state.pt").read_bytes()
+    if damage == "truncate":
+        (newest / "state.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        (newest / "state.pt").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])
+    else:
+        (newest / "COMPLETE.json").unlink()
+    with caplog.at_level("WARNING"):
+        info = checkpoint.latest_valid(tmp_path)
+    assert info is not None and info.step == 1
+    assert "skipping checkpoint" in caplog.text and "step-000000002" in caplog.text
+
+
+def test_retention_keeps_last_k_and_every_nth_and_never_the_only_valid(tmp_path):
+    for step in range(1, 8):
+        state, digest = _state(step)
+        checkpoint.save(tmp_path, step, state, digest)
+        checkpoint.apply_retention(tmp_path, keep_last=2, keep_every=3)
+    steps = sorted(i.step for i in checkpoint.list_checkpoints(tmp_path))
+    assert steps == [3, 6, 7]
+    # Corrupt the newest: retention must not delete the last *valid* ones in its favour.
+    (tmp_path / "step-000000007" / "state.pt").write_bytes(b"garbage")
+    checkpoint.apply_retention(tmp_path, keep_last=1)
+    assert checkpoint.latest_valid(tmp_path).step == 6
+
+
+def test_an_interrupted_write_leaves_no_checkpoint(tmp_path):
+    state, digest = _state(1)
+    checkpoint.save(tmp_path, 1, state, digest)
+    # What a kill mid-save leaves: a temporary folder with a partial file and no marker.
+    tmp = tmp_path / ".step-000000002.tmp-123-456"
+    tmp.mkdir()
+    (tmp / "state.pt").write_bytes(b"partial")
+    assert [i.step for i in checkpoint.list_checkpoints(tmp_path)] == [1]
+    state2, digest2 = _state(2)
+    checkpoint.save(tmp_path, 2, state2, digest2)
+    checkpoint.apply_retention(tmp_path, keep_last=5)
+    assert not tmp.exists()
+    meta = json.loads((tmp_path / "step-000000002" / "COMPLETE.json").read_text())
+    assert meta["weights_sha256"] == digest2
