@@ -1,0 +1,26 @@
+"""Maths on tensors: the UNet, covariate conditioning, and the flow-matching and diffusion objectives.
+
+Nothing here knows about files, ranks or clusters (no torch.distributed, MPI, HDF5, dask or launchers).
+"""
+
+from hpcdiff.models.conditioning import CovariateEmbedding, CovariateSpec, covariate_specs
+from hpcdiff.models.diffusion import DDPM, cosine_betas, linear_betas
+from hpcdiff.models.flow import CondOTPath, FlowMatching
+from hpcdiff.models.objective import Objective, ObjectiveConfig, build_objective
+from hpcdiff.models.unet import UNet, UNetConfig
+
+__all__ = [
+    "DDPM",
+    "CondOTPath",
+    "CovariateEmbedding",
+    "CovariateSpec",
+    "FlowMatching",
+    "Objective",
+    "ObjectiveConfig",
+    "UNet",
+    "UNetConfig",
+    "build_objective",
+    "cosine_betas",
+    "covariate_specs",
+    "linear_betas",
+]
