@@ -1,0 +1,55 @@
+"""Group statistics over shards with dask: template, group differences, gamma residual model, normative z-scores,
+real versus synthetic comparison. See docs/statistics.md for the commands and the maths."""
+
+from hpcdiff.stats.analysis import (
+    GroupStats,
+    brain_mask,
+    glm_sums,
+    group_maps,
+    group_stats,
+    residual_variance,
+    template,
+)
+from hpcdiff.stats.backend import BACKENDS, BackendOptions, backend
+from hpcdiff.stats.commands import run_gamma, run_groupdiff, run_template
+from hpcdiff.stats.compare import compare_maps, run_compare
+from hpcdiff.stats.design import Design, build_design
+from hpcdiff.stats.gammafit import GammaFit, fit_gamma
+from hpcdiff.stats.glm import GLMFit, SufficientStats, fdr_bh, fit, two_sided_p, welch_t
+from hpcdiff.stats.moments import Moments
+from hpcdiff.stats.pipeline import StatsOptions
+from hpcdiff.stats.source import voxel_array
+from hpcdiff.stats.zscore import normative_z, run_zscore
+
+__all__ = [
+    "BACKENDS",
+    "BackendOptions",
+    "Design",
+    "GLMFit",
+    "GammaFit",
+    "GroupStats",
+    "Moments",
+    "StatsOptions",
+    "SufficientStats",
+    "backend",
+    "brain_mask",
+    "build_design",
+    "compare_maps",
+    "fdr_bh",
+    "fit",
+    "fit_gamma",
+    "glm_sums",
+    "group_maps",
+    "group_stats",
+    "normative_z",
+    "residual_variance",
+    "run_compare",
+    "run_gamma",
+    "run_groupdiff",
+    "run_template",
+    "run_zscore",
+    "template",
+    "two_sided_p",
+    "voxel_array",
+    "welch_t",
+]
