@@ -1,0 +1,388 @@
+"""BIDS/NIfTI T1w images -> conformed, normalised volumes in HDF5 shards; sliced across ranks and resumable.
+
+The plan is decided once, on rank 0, before any volume is read: every T1w image with its participants.tsv row,
+minus those that cannot be placed (no row, a duplicate id), sorted, cut into shards of K subjects. Rank r writes
+shards r, r+W, ...; a shard's content depends only on its planned inputs, so the result is byte-identical at any
+number of ranks. A shard already complete, verified and made from the same plan is skipped, so a rerun after a
+kill finishes the job. Inputs that fail to load (truncated, NaN/Inf, not 3D, empty) are recorded in the shard
+itself, so quarantine.tsv comes out the same on a rerun that skips that shard.
+
+Conforming: reorient to RAS (nibabel's closest canonical), resample with trilinear interpolation onto an isotropic
+grid of ``spacing`` mm and ``shape`` voxels centred on the centre of the input's field of view. Normalising: the
+0.5th and 99.5th percentiles of the nonzero voxels map to 0 and 1, values outside are clipped; stored as float16.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.processing import resample_from_to
+
+from hpcdiff import __version__
+from hpcdiff.data.shards import (
+    MANIFEST,
+    QUARANTINE,
+    ShardInfo,
+    file_sha256,
+    shard_attrs,
+    shard_name,
+    verified_shard,
+    write_manifest,
+    write_shard,
+    write_text_atomic,
+)
+from hpcdiff.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SHAPE = (48, 56, 48)
+# The MNI152 field of view (mm); the default spacing is the smallest isotropic one whose grid spans it.
+_DEFAULT_FOV_MM = (198.0, 234.0, 190.0)
+_PERCENTILES = (0.5, 99.5)
+NORMALISATION = "nonzero percentiles 0.5/99.5 -> [0, 1], clipped"
+RESAMPLING = "RAS, trilinear, isotropic spacing, grid centred on each input's field-of-view centre"
+_RESERVED = ("id", "session", "source_path", "source_sha256")
+_T1W = re.compile(r"^sub-[^_]+(_.+)?_T1w\.nii(\.gz)?$")
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    """One T1w image placed in the plan."""
+
+    subject: str  # participant_id, e.g. "sub-0001"
+    session: str  # "" when the dataset has no sessions
+    source_path: str  # relative to the BIDS root
+    size: int
+
+
+@dataclass
+class Plan:
+    """What rank 0 decided before anything was read; broadcast to every rank."""
+
+    shards: list[list[Candidate]]
+    quarantine: list[tuple[str, str, str]]  # (source_path, subject, reason)
+    covariates: dict[str, dict[str, list]]  # participant_id -> typed row, and the kinds
+    kinds: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class IngestResult:
+    out: Path
+    num_subjects: int
+    num_shards: int
+    shards_written: int
+    shards_skipped: int
+    quarantined: list[tuple[str, str, str]]
+
+
+def default_spacing(shape: Sequence[int]) -> float:
+    return max(f / s for f, s in zip(_DEFAULT_FOV_MM, shape))
+
+
+# ---------------------------------------------------------------- plan (rank 0)
+def _read_participants(root: Path) -> tuple[list[str], list[dict[str, str]]]:
+    path = root / "participants.tsv"
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing: a BIDS dataset needs a participants.tsv with a participant_id column and one "
+            "column per covariate (age, sex, ...)"
+        )
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        columns = list(reader.fieldnames or [])
+        rows = list(reader)
+    if "participant_id" not in columns:
+        raise DataError(f"{path}: no participant_id column (found {columns}); add it as the first column")
+    clash = [c for c in columns if c in _RESERVED]
+    if clash:
+        raise DataError(f"{path}: columns {clash} clash with the shard table's own names {_RESERVED}; rename them")
+    return [c for c in columns if c != "participant_id"], rows
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def _missing(text: str | None) -> bool:
+    return text is None or text.strip() in ("", "n/a", "NA", "nan")
+
+
+def _find_images(root: Path) -> list[Path]:
+    found = [*root.glob("sub-*/anat/*_T1w.nii*"), *root.glob("sub-*/ses-*/anat/*_T1w.nii*")]
+    return sorted(p for p in found if _T1W.match(p.name))
+
+
+def make_plan(root: Path, subjects_per_shard: int) -> Plan:
+    """Decide which image goes into which shard, and which images cannot be placed at all (and why)."""
+    columns, rows = _read_participants(root)
+    counts = Counter(r["participant_id"] for r in rows)
+    kinds = {
+        c: "continuous" if all(_is_number(r[c]) for r in rows if not _missing(r.get(c))) else "categorical"
+        for c in columns
+    }
+    typed: dict[str, dict[str, object]] = {}
+    for r in rows:
+        typed[r["participant_id"]] = {
+            c: (float("nan") if _missing(r.get(c)) else float(r[c]))
+            if kinds[c] == "continuous"
+            else ("n/a" if _missing(r.get(c)) else r[c].strip())
+            for c in columns
+        }
+    quarantine: list[tuple[str, str, str]] = []
+    by_key: dict[tuple[str, str], list[Candidate]] = {}
+    for path in _find_images(root):
+        rel = path.relative_to(root)
+        subject = rel.parts[0]
+        session = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
+        by_key.setdefault((subject, session), []).append(
+            Candidate(subject, session, rel.as_posix(), path.stat().st_size)
+        )
+    good: list[Candidate] = []
+    for (subject, session), cands in sorted(by_key.items()):
+        if len(cands) > 1:
+            names = ", ".join(c.source_path for c in cands)
+            key = f"{subject} {session}".strip()
+            quarantine += [
+                (c.source_path, subject, f"duplicate id {key}: {len(cands)} T1w images ({names})") for c in cands
+            ]
+        elif counts[subject] == 0:
+            quarantine.append((cands[0].source_path, subject, "no row in participants.tsv"))
+        elif counts[subject] > 1:
+            quarantine.append(
+                (cands[0].source_path, subject, f"duplicate id: {counts[subject]} rows in participants.tsv")
+            )
+        else:
+            good.append(cands[0])
+    k = subjects_per_shard
+    shards = [good[i : i + k] for i in range(0, len(good), k)]
+    return Plan(shards, quarantine, {c.subject: typed[c.subject] for c in good}, kinds)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- one volume
+class Rejected(Exception):
+    """An input that cannot be used; the message is the quarantine reason."""
+
+
+def target_affine(spacing: float, shape: Sequence[int], centre: np.ndarray) -> np.ndarray:
+    """RAS grid of isotropic ``spacing`` whose centre voxel sits at world point ``centre``."""
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = np.asarray(centre) - spacing * (np.asarray(shape) - 1) / 2.0
+    return affine
+
+
+def fov_centre(img: nib.spatialimages.SpatialImage) -> np.ndarray:
+    corner = (np.asarray(img.shape[:3]) - 1) / 2.0
+    return img.affine[:3, :3] @ corner + img.affine[:3, 3]
+
+
+def conform(path: Path, shape: Sequence[int], spacing: float) -> np.ndarray:
+    """Load, check, reorient, resample and normalise one volume; shape ``shape``, float32 in [0, 1].
+
+    Raises:
+        Rejected: the input cannot be used; the message says why.
+    """
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # nibabel raises many kinds (ImageFileError, EOFError, zlib errors, OSError...)
+        raise Rejected(f"unreadable: {type(e).__name__}: {e}") from e
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise Rejected(f"not 3D: shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise Rejected(f"contains NaN/Inf ({int((~np.isfinite(data)).sum())} voxels)")
+    nonzero = data[data != 0]
+    if nonzero.size == 0:
+        raise Rejected("empty: every voxel is zero")
+    lo, hi = np.percentile(nonzero, _PERCENTILES)
+    if hi <= lo:
+        raise Rejected(f"empty: constant intensity {lo}")
+    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+    target = (tuple(shape), target_affine(spacing, shape, fov_centre(canonical)))
+    resampled = resample_from_to(canonical, target, order=1, mode="constant", cval=0.0).get_fdata(dtype=np.float32)
+    return np.clip((resampled - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------- shards
+def _plan_digest(cands: list[Candidate], shape: Sequence[int], spacing: float) -> str:
+    text = json.dumps([[c.__dict__ for c in cands], list(shape), spacing, NORMALISATION, RESAMPLING])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_one(
+    root: Path, out: Path, index: int, cands: list[Candidate], plan: Plan, shape: Sequence[int], spacing: float
+) -> tuple[ShardInfo, list[tuple[str, str, str]], bool]:
+    """Write (or keep) shard ``index``; returns its info, its quarantined inputs, and whether it was skipped."""
+    path = out / shard_name(index)
+    digest = _plan_digest(cands, shape, spacing)
+    info = verified_shard(path)
+    if info is not None:
+        attrs = shard_attrs(path)
+        if attrs.get("plan_sha256") == digest:
+            return info, [tuple(q) for q in json.loads(attrs["quarantine"])], True
+    images, kept, quarantine = [], [], []
+    for c in cands:
+        try:
+            images.append(conform(root / c.source_path, shape, spacing))
+            kept.append(c)
+        except Rejected as e:
+            quarantine.append((c.source_path, c.subject, str(e)))
+    table: dict[str, list] = {
+        "id": [c.subject for c in kept],
+        "session": [c.session for c in kept],
+        "source_path": [c.source_path for c in kept],
+        "source_sha256": [file_sha256(root / c.source_path) for c in kept],
+    }
+    for name in plan.kinds:
+        table[name] = [plan.covariates[c.subject][name] for c in kept]
+    stack = np.stack(images)[:, None] if images else np.zeros((0, 1, *shape), dtype=np.float32)
+    attrs = {"plan_sha256": digest, "quarantine": json.dumps(quarantine)}
+    return write_shard(path, stack, table, attrs=attrs), quarantine, False
+
+
+def covariate_schema(plan: Plan, subjects: Sequence[str]) -> dict[str, dict]:
+    """Continuous: min/max/mean/std over finite values; categorical: sorted levels; over ingested subjects."""
+    schema: dict[str, dict] = {}
+    for name, kind in plan.kinds.items():
+        values = [plan.covariates[s][name] for s in subjects]
+        if kind == "continuous":
+            v = np.asarray(values, dtype=np.float64)
+            v = v[np.isfinite(v)]
+            stats = (v.min(), v.max(), v.mean(), v.std()) if v.size else (math.nan,) * 4
+            schema[name] = {"kind": kind, **dict(zip(("min", "max", "mean", "std"), map(float, stats)))}
+        else:
+            schema[name] = {"kind": kind, "levels": sorted({str(x) for x in values})}
+    return schema
+
+
+def _write_quarantine(out: Path, rows: list[tuple[str, str, str]]) -> None:
+    lines = ["source_path\tsubject\treason"]
+    lines += ["\t".join(field.replace("\t", " ").replace("\n", " ") for field in row) for row in sorted(rows)]
+    write_text_atomic(out / QUARANTINE, "\n".join(lines) + "\n")
+
+
+def _clean_stale(out: Path, num_shards: int) -> None:
+    """Remove temporary files of killed writers and shards beyond the plan (rank 0, before others start)."""
+    for tmp in out.glob(".shard-*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for shard in out.glob("shard-*.h5"):
+        m = re.fullmatch(r"shard-(\d+)\.h5", shard.name)
+        if m and int(m.group(1)) >= num_shards:
+            log.warning("ingest: removing %s, which is not part of this plan", shard)
+            shard.unlink()
+
+
+def ingest(
+    bids_root: Path,
+    out: Path,
+    shape: Sequence[int] = DEFAULT_SHAPE,
+    spacing: float | None = None,
+    subjects_per_shard: int = 64,
+    strict: bool = False,
+) -> IngestResult:
+    """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across this launcher's ranks.
+
+    Args:
+        bids_root: BIDS root with participants.tsv and sub-*/[ses-*/]anat/*_T1w.nii[.gz].
+        out: shard directory (created); manifest.json appears last, once every shard is done.
+        shape: voxel grid (D, H, W).
+        spacing: isotropic voxel size in mm; default: the smallest that spans the MNI152 field of view.
+        subjects_per_shard: K, planned subjects per shard (a shard holds fewer when inputs fail to load).
+        strict: any quarantined input makes the job fail with DataError (exit 3), without a manifest.
+    """
+    from hpcdiff import dist
+
+    bids_root, out = Path(bids_root).resolve(), Path(out)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise UsageError(f"--shape needs three positive sizes, got {list(shape)}")
+    if subjects_per_shard <= 0:
+        raise UsageError(f"--subjects-per-shard must be positive, got {subjects_per_shard}")
+    if spacing is not None and spacing <= 0:
+        raise UsageError(f"--spacing must be positive, got {spacing}")
+    if not bids_root.is_dir():
+        raise DataError(f"{bids_root} is not a directory: give the root of a BIDS dataset")
+    spacing = float(spacing) if spacing is not None else default_spacing(shape)
+    ctx = dist.init(device="cpu")
+    try:
+        plan = None
+        if ctx.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            plan = make_plan(bids_root, subjects_per_shard)
+            _clean_stale(out, len(plan.shards))
+            (out / MANIFEST).unlink(missing_ok=True)  # rewritten at the end; until then the directory is partial
+            log.info(
+                "ingest: %d images in %d shards of up to %d, %d quarantined before reading, %d rank(s)",
+                sum(map(len, plan.shards)),
+                len(plan.shards),
+                subjects_per_shard,
+                len(plan.quarantine),
+                ctx.world_size,
+            )
+        plan = ctx.broadcast_object(plan)
+        if strict and plan.quarantine:
+            raise DataError(_strict_message(bids_root, plan.quarantine))
+        results = []
+        mine = range(ctx.rank, len(plan.shards), ctx.world_size)
+        for done, index in enumerate(mine, 1):
+            results.append((index, *_write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing)))
+            if ctx.is_main:
+                log.info("ingest: rank 0 finished %d/%d of its shards", done, len(mine))
+        gathered = sorted(r for part in ctx.all_gather_object(results) for r in part)
+        infos = [info for _, info, _, _ in gathered]
+        quarantine = sorted(plan.quarantine + [q for _, _, qs, _ in gathered for q in qs])
+        skipped = sum(1 for *_, s in gathered if s)
+        if ctx.is_main:
+            _write_quarantine(out, quarantine)
+        if strict and quarantine:
+            raise DataError(_strict_message(bids_root, quarantine))
+        if ctx.is_main:
+            rejected = {q[0] for q in quarantine}
+            ingested = [c for shard in plan.shards for c in shard if c.source_path not in rejected]
+            # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
+            # (exact when inputs share a field of view, as one protocol or one template space does).
+            centre = fov_centre(nib.load(bids_root / ingested[0].source_path)) if ingested else np.zeros(3)
+            write_manifest(
+                out,
+                shape=shape,
+                spacing=(spacing,) * 3,
+                affine=target_affine(spacing, shape, centre),
+                covariates=covariate_schema(plan, [c.subject for c in ingested]),
+                shards=infos,
+                provenance={
+                    "tool": "hpcdiff ingest",
+                    "version": __version__,
+                    "bids_root": str(bids_root),
+                    "subjects_per_shard": subjects_per_shard,
+                    "resampling": RESAMPLING,
+                    "normalisation": NORMALISATION,
+                },
+            )
+        ctx.barrier()
+        return IngestResult(
+            out, sum(i.num_subjects for i in infos), len(infos), len(infos) - skipped, skipped, quarantine
+        )
+    finally:
+        ctx.close()
+
+
+def _strict_message(root: Path, quarantine: list[tuple[str, str, str]]) -> str:
+    first = "; ".join(f"{p}: {r}" for p, _, r in quarantine[:3]) + (" ..." if len(quarantine) > 3 else "")
+    return (
+        f"--strict: {len(quarantine)} input(s) in {root} cannot be used ({first}); "
+        "fix or remove them, or drop --strict to quarantine them"
+    )
