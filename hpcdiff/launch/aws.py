@@ -1,0 +1,394 @@
+"""An academic-style Slurm cluster on AWS: a ParallelCluster v3 config rendered from a few typed options.
+
+The config is a pure function of :class:`AwsClusterOptions`, so a test can load it into ParallelCluster's own schema
+without an AWS account. Three queues look like a university cluster's partitions: ``cpu`` (on-demand), ``gpu``
+(spot) and ``gpu-ondemand`` (the same GPUs on demand). ParallelCluster cannot fall back from spot to on-demand
+inside one queue, so the fallback is a second queue and ``--partition gpu,gpu-ondemand`` lets Slurm take whichever
+starts first. Storage is FSx for Lustre linked to the user's bucket, retained when the cluster is deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from hpcdiff.errors import ConfigError, UsageError
+
+MOUNT_DIR = "/fsx"
+DATA_DIR = f"{MOUNT_DIR}/s3"  # the bucket appears here (imported and exported automatically)
+VENV_DIR = f"{MOUNT_DIR}/hpcdiff/venv"  # outside DATA_DIR: a venv must not be exported to S3
+BOOTSTRAP_KEY = "hpcdiff/bootstrap.sh"
+GPU_QUEUES = ("gpu", "gpu-ondemand")
+
+# The interpreter each OS can install from its own packages (hpcdiff needs Python >= 3.10).
+OS_PYTHON = {
+    "alinux2023": "python3.11",
+    "ubuntu2204": "python3.10",
+    "ubuntu2404": "python3.12",
+    "rhel9": "python3.11",
+    "rocky9": "python3.11",
+}
+FSX_THROUGHPUTS = (125, 250, 500, 1000)  # MB/s/TiB offered by PERSISTENT_2
+
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
+_SUBNET = re.compile(r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$")
+_INSTANCE = re.compile(r"^[a-z][a-z0-9-]*\.[a-z0-9-]+$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IPV4 = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+_CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,59}$")
+_ARM_FAMILY = re.compile(r"^[a-z]+\d+g")  # Graviton: c7g, m6gd, g5g, im4gn ...
+
+
+@dataclass(kw_only=True)
+class AwsClusterOptions:
+    """What a user chooses for an hpcdiff cluster; everything else is a fixed, documented default."""
+
+    region: str
+    """AWS region, e.g. us-east-1."""
+    subnet: str
+    """Subnet (subnet-xxxxxxxx) for the head node and all queues; it needs a route to the internet or NAT."""
+    bucket: str
+    """S3 bucket holding data, runs and the bootstrap script; linked to FSx at /fsx/s3."""
+    key_name: str | None = None
+    """EC2 key pair for ``pcluster ssh``; without one, reach the head node through SSM Session Manager."""
+    head_instance: str = "c6i.large"
+    """Head node instance type (runs slurmctld and installs hpcdiff once)."""
+    cpu_instance: str = "c6i.2xlarge"
+    """Instance type of the on-demand ``cpu`` queue (ingest, sampling, statistics)."""
+    gpu_instance: str = "g5.xlarge"
+    """Instance type of the ``gpu`` (spot) and ``gpu-ondemand`` queues."""
+    max_cpu_nodes: int = 4
+    """Most nodes the ``cpu`` queue scales up to (it scales down to zero when idle)."""
+    max_gpu_nodes: int = 2
+    """Most nodes each GPU queue scales up to."""
+    fsx_storage_gib: int = 1200
+    """FSx for Lustre PERSISTENT_2 capacity: 1200 or a multiple of 2400 GiB."""
+    fsx_throughput: int = 125
+    """FSx PERSISTENT_2 throughput per TiB (MB/s): 125, 250, 500 or 1000."""
+    os: str = "alinux2023"
+    """Node operating system; one of OS_PYTHON."""
+    install_spec: str = "hpcdiff"
+    """What the bootstrap passes to ``pip install`` (a version, a git URL, or a wheel under /fsx/s3/)."""
+    scaledown_idle_minutes: int = 10
+    """Idle minutes before Slurm powers a dynamic node down (and its billing stops)."""
+
+    def __post_init__(self) -> None:
+        _check(_REGION.match(self.region), "region", self.region, "an AWS region such as us-east-1")
+        _check(_SUBNET.match(self.subnet), "subnet", self.subnet, "a subnet id such as subnet-0123abcd")
+        _check_bucket(self.bucket)
+        if self.key_name is not None:
+            _check(
+                0 < len(self.key_name) <= 255 and self.key_name.isascii() and self.key_name.strip() == self.key_name,
+                "key_name",
+                self.key_name,
+                "the name of an EC2 key pair (aws ec2 describe-key-pairs)",
+            )
+        for name in ("head_instance", "cpu_instance", "gpu_instance"):
+            value = getattr(self, name)
+            _check(_INSTANCE.match(value), name, value, "an EC2 instance type family.size such as g5.xlarge")
+        arches = {name: _arch(getattr(self, name)) for name in ("head_instance", "cpu_instance", "gpu_instance")}
+        if len(set(arches.values())) > 1:
+            detail = ", ".join(f"{k}={getattr(self, k)} ({v})" for k, v in arches.items())
+            raise ConfigError(f"head_instance, cpu_instance and gpu_instance must share one CPU architecture: {detail}")
+        for name in ("max_cpu_nodes", "max_gpu_nodes", "scaledown_idle_minutes"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "a whole number >= 1")
+        _check(
+            isinstance(self.fsx_storage_gib, int)
+            and self.fsx_storage_gib > 0
+            and (self.fsx_storage_gib == 1200 or self.fsx_storage_gib % 2400 == 0),
+            "fsx_storage_gib",
+            self.fsx_storage_gib,
+            "1200 or a multiple of 2400 (FSx for Lustre PERSISTENT_2 sizes)",
+        )
+        _check(self.fsx_throughput in FSX_THROUGHPUTS, "fsx_throughput", self.fsx_throughput, str(FSX_THROUGHPUTS))
+        _check(self.os in OS_PYTHON, "os", self.os, f"one of {', '.join(OS_PYTHON)}")
+        _check(
+            bool(self.install_spec) and not any(c.isspace() for c in self.install_spec),
+            "install_spec",
+            self.install_spec,
+            "one pip requirement without spaces, e.g. hpcdiff==0.1.0 or git+https://host/repo.git",
+        )
+
+    @property
+    def python(self) -> str:
+        """The interpreter the bootstrap installs and builds the shared venv from."""
+        return OS_PYTHON[self.os]
+
+    @property
+    def bootstrap_url(self) -> str:
+        return f"s3://{self.bucket}/{BOOTSTRAP_KEY}"
+
+
+def _check(ok: object, field: str, value: object, expected: str) -> None:
+    if not ok:
+        flag = "--" + field.replace("_", "-")
+        raise ConfigError(f"{field} ({flag}): {value!r} is not valid; expected {expected}")
+
+
+def _check_bucket(bucket: str) -> None:
+    rules = "3-63 lowercase letters, digits, dots or hyphens, starting and ending with a letter or digit"
+    _check(bool(bucket), "bucket", bucket, f"an S3 bucket name ({rules}); create one with 'aws s3 mb s3://NAME'")
+    bad = (
+        not _BUCKET.match(bucket)
+        or ".." in bucket
+        or ".-" in bucket
+        or "-." in bucket
+        or _IPV4.match(bucket)
+        or bucket.startswith(("xn--", "sthree-", "amzn-s3-demo-"))
+        or bucket.endswith(("-s3alias", "--ol-s3", "--x-s3"))
+    )
+    _check(not bad, "bucket", bucket, f"an S3 bucket name ({rules}), not an IP address; no s3:// prefix")
+
+
+def _arch(instance_type: str) -> str:
+    return "arm64" if _ARM_FAMILY.match(instance_type.split(".", 1)[0]) else "x86_64"
+
+
+def check_cluster_name(name: str) -> str:
+    """Refuse a name ParallelCluster would refuse, before any file is written."""
+    if not _CLUSTER_NAME.match(name):
+        raise ConfigError(
+            f"cluster name {name!r} is not valid: use letters, digits and hyphens, start with a letter, "
+            "at most 60 characters"
+        )
+    return name
+
+
+def render_cluster_config(opts: AwsClusterOptions) -> dict[str, Any]:
+    """The ParallelCluster v3 cluster config (a mapping ready for YAML) for ``opts``."""
+    s3_access = [{"BucketName": opts.bucket, "EnableWriteAccess": True}]
+    bootstrap = {"Script": opts.bootstrap_url, "Args": [VENV_DIR, opts.install_spec, opts.python]}
+    head: dict[str, Any] = {
+        "InstanceType": opts.head_instance,
+        "Networking": {"SubnetId": opts.subnet},
+        "Iam": {"S3Access": s3_access},
+        "CustomActions": {"OnNodeConfigured": bootstrap},
+    }
+    if opts.key_name:
+        head["Ssh"] = {"KeyName": opts.key_name}
+
+    def queue(name: str, capacity: str, instance: str, max_nodes: int) -> dict[str, Any]:
+        return {
+            "Name": name,
+            "CapacityType": capacity,
+            "Networking": {"SubnetIds": [opts.subnet]},
+            "ComputeResources": [{"Name": name, "InstanceType": instance, "MinCount": 0, "MaxCount": max_nodes}],
+            "Iam": {"S3Access": s3_access},
+            "CustomActions": {"OnNodeConfigured": bootstrap},
+        }
+
+    return {
+        "Region": opts.region,
+        "Image": {"Os": opts.os},
+        "HeadNode": head,
+        "Scheduling": {
+            "Scheduler": "slurm",
+            "SlurmSettings": {
+                "ScaledownIdletime": opts.scaledown_idle_minutes,
+                # Requeue is the default for batch jobs (so a job on a reclaimed spot node restarts), and a job
+                # that exits 75 (hpcdiff's "checkpointed on a signal, requeue me") is requeued by Slurm itself,
+                # even where the job script cannot reach scontrol.
+                "CustomSlurmSettings": [{"JobRequeue": 1}, {"RequeueExit": 75}],
+            },
+            "SlurmQueues": [
+                queue("cpu", "ONDEMAND", opts.cpu_instance, opts.max_cpu_nodes),
+                queue("gpu", "SPOT", opts.gpu_instance, opts.max_gpu_nodes),
+                queue("gpu-ondemand", "ONDEMAND", opts.gpu_instance, opts.max_gpu_nodes),
+            ],
+        },
+        "SharedStorage": [
+            {
+                "MountDir": MOUNT_DIR,
+                "Name": "hpcdiff-fsx",
+                "StorageType": "FsxLustre",
+                "FsxLustreSettings": {
+                    "StorageCapacity": opts.fsx_storage_gib,
+                    "DeploymentType": "PERSISTENT_2",
+                    "PerUnitStorageThroughput": opts.fsx_throughput,
+                    "DataCompressionType": "LZ4",
+                    # ParallelCluster deletes a managed file system with the cluster by default; runs and
+                    # checkpoints must outlive it.
+                    "DeletionPolicy": "Retain",
+                    "DataRepositoryAssociations": [
+                        {
+                            "Name": "hpcdiff-bucket",
+                            "DataRepositoryPath": f"s3://{opts.bucket}",
+                            "FileSystemPath": DATA_DIR.removeprefix(MOUNT_DIR),
+                            "BatchImportMetaDataOnCreate": True,
+                            "AutoImportPolicy": ["NEW", "CHANGED", "DELETED"],
+                            "AutoExportPolicy": ["NEW", "CHANGED", "DELETED"],
+                        }
+                    ],
+                },
+            }
+        ],
+    }
+
+
+def bootstrap_script() -> str:
+    """The OnNodeConfigured script (installs hpcdiff on the shared FS; watches for spot interruption notices)."""
+    return resources.files("hpcdiff.launch").joinpath("aws_bootstrap.sh").read_text()
+
+
+@contextlib.contextmanager
+def _region_env(region: str) -> Iterator[None]:
+    """ParallelCluster's schema reads the region from the environment; set it only while it runs."""
+    saved = os.environ.get("AWS_DEFAULT_REGION")
+    os.environ["AWS_DEFAULT_REGION"] = region
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("AWS_DEFAULT_REGION", None)
+        else:
+            os.environ["AWS_DEFAULT_REGION"] = saved
+
+
+def validate_with_schema(config: dict[str, Any], cluster_name: str) -> None:
+    """Load ``config`` into ParallelCluster's own schema and run its offline validators; no AWS call is made.
+
+    Raises:
+        UsageError: the ``aws-parallelcluster`` package is not installed.
+        ConfigError: the schema or a validator refuses the config; the message lists every key and reason.
+    """
+    try:
+        from marshmallow import ValidationError
+        from pcluster.schemas.cluster_schema import ClusterSchema
+    except ImportError as e:
+        raise UsageError(
+            "validating a cluster config needs AWS ParallelCluster: pip install -e '.[aws]' "
+            "(or pip install aws-parallelcluster)"
+        ) from e
+    region = config.get("Region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    with _region_env(region):
+        try:
+            cluster = ClusterSchema(cluster_name=cluster_name).load(config)
+        except ValidationError as e:
+            raise ConfigError(f"ParallelCluster refuses the cluster config: {_flatten(e.messages)}") from e
+        failures = _offline_failures(cluster, cluster_name)
+    if failures:
+        raise ConfigError("ParallelCluster refuses the cluster config: " + "; ".join(failures))
+
+
+def _flatten(messages: Any, path: str = "") -> str:
+    """marshmallow's nested error dict as 'A.B[0].C: reason' items."""
+    if isinstance(messages, dict):
+        parts = []
+        for key, value in messages.items():
+            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+            parts.append(_flatten(value, sub))
+        return "; ".join(parts)
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return f"{path or 'config'}: {' '.join(messages)}"
+    if isinstance(messages, list):
+        return "; ".join(_flatten(m, path) for m in messages)
+    return f"{path or 'config'}: {messages}"
+
+
+def _offline_failures(cluster: Any, cluster_name: str) -> list[str]:
+    """Run the ParallelCluster validators that need no AWS API (names, FSx sizes, Slurm settings)."""
+    from pcluster.config.cluster_config import SharedFsxLustre
+    from pcluster.validators.cluster_validators import ClusterNameValidator, NameValidator
+    from pcluster.validators.common import FailureLevel
+    from pcluster.validators.fsx_validators import (
+        FsxDraValidator,
+        FsxPersistentOptionsValidator,
+        FsxStorageCapacityValidator,
+    )
+    from pcluster.validators.slurm_settings_validator import (
+        SLURM_SETTINGS_DENY_LIST,
+        CustomSlurmSettingLevel,
+        CustomSlurmSettingsValidator,
+    )
+
+    results = ClusterNameValidator().execute(name=cluster_name, scheduling=cluster.scheduling)
+    for q in cluster.scheduling.queues:
+        results += NameValidator().execute(name=q.name)
+        for cr in q.compute_resources:
+            results += NameValidator().execute(name=cr.name)
+    for fs in cluster.shared_storage or []:
+        if not isinstance(fs, SharedFsxLustre):
+            continue
+        results += FsxStorageCapacityValidator().execute(
+            storage_capacity=fs.storage_capacity,
+            deployment_type=fs.deployment_type,
+            fsx_storage_type=fs.fsx_storage_type,
+            per_unit_storage_throughput=fs.per_unit_storage_throughput,
+            file_system_id=fs.file_system_id,
+            backup_id=fs.backup_id,
+        )
+        results += FsxPersistentOptionsValidator().execute(
+            deployment_type=fs.deployment_type,
+            kms_key_id=fs.kms_key_id,
+            per_unit_storage_throughput=fs.per_unit_storage_throughput,
+        )
+        results += FsxDraValidator().execute(
+            data_repository_associations=fs.data_repository_associations,
+            import_path=fs.import_path,
+            export_path=fs.export_path,
+        )
+    settings = cluster.scheduling.settings
+    if settings and settings.custom_slurm_settings:
+        results += CustomSlurmSettingsValidator().execute(
+            custom_settings=settings.custom_slurm_settings,
+            deny_list=SLURM_SETTINGS_DENY_LIST["SlurmConf"]["Global"],
+            settings_level=CustomSlurmSettingLevel.SLURM_CONF,
+        )
+    return [r.message for r in results if r.level == FailureLevel.ERROR]
+
+
+def cluster_commands(opts: AwsClusterOptions, cluster_name: str, out_dir: Path) -> list[tuple[str, list[str]]]:
+    """The commands that bring the cluster up and down, as (what it does, argv); hpcdiff prints, never runs, them."""
+    config = str(out_dir / "cluster.yaml")
+    region = ["--region", opts.region]
+    ssh = ["pcluster", "ssh", "--cluster-name", cluster_name, *region]
+    if opts.key_name:
+        ssh += ["-i", str(Path.home() / ".ssh" / f"{opts.key_name}.pem")]
+    return [
+        ("upload the bootstrap script", ["aws", "s3", "cp", str(out_dir / "bootstrap.sh"), opts.bootstrap_url]),
+        (
+            "create the cluster (about 20-30 minutes)",
+            ["pcluster", "create-cluster", "--cluster-name", cluster_name, "--cluster-configuration", config, *region],
+        ),
+        ("watch it come up", ["pcluster", "describe-cluster", "--cluster-name", cluster_name, *region]),
+        ("log in to the head node", ssh),
+        (
+            "delete the cluster (FSx is retained)",
+            ["pcluster", "delete-cluster", "--cluster-name", cluster_name, *region],
+        ),
+    ]
+
+
+def format_commands(commands: list[tuple[str, list[str]]]) -> str:
+    """Shell-quoted, commented lines a user can paste."""
+    return "\n".join(f"# {what}\n{shlex.join(argv)}" for what, argv in commands)
+
+
+def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, *, force: bool = False) -> tuple[Path, Path]:
+    """Write ``out_dir/cluster.yaml`` and ``out_dir/bootstrap.sh``; an existing config is kept unless ``force``."""
+    import yaml
+
+    config_path, script_path = out_dir / "cluster.yaml", out_dir / "bootstrap.sh"
+    if config_path.exists() and not force:
+        raise UsageError(f"{config_path} exists (perhaps edited by hand); pass --force to overwrite it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = (
+        "# AWS ParallelCluster v3 config written by 'hpcdiff cluster aws init'.\n"
+        f"# Queues: cpu (on-demand), gpu (spot), gpu-ondemand; the bucket s3://{opts.bucket} appears at {DATA_DIR}.\n"
+        "# Submit GPU work with --partition gpu,gpu-ondemand to let Slurm take whichever starts first.\n"
+    )
+    body = yaml.safe_dump(render_cluster_config(opts), sort_keys=False, default_flow_style=False)
+    for path, text in ((config_path, header + body), (script_path, bootstrap_script())):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    script_path.chmod(0o755)
+    return config_path, script_path
