@@ -51,6 +51,55 @@ def _run_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- cohort
+def _add_cohort(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cohort", help="synthetic multi-subject BIDS dataset with planted group effects")
+    p.add_argument("--out", required=True, help="BIDS directory to create (a rerun completes it)")
+    p.add_argument("--subjects", required=True, type=_shape, metavar="N", help="number of subjects")
+    p.add_argument("--shape", nargs=3, type=_shape, default=[48, 56, 48], metavar=("D", "H", "W"), help="grid")
+    p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
+    p.set_defaults(handler=_run_cohort)
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    from hpcdiff.data.cohort import TRUTH_DIR, make_cohort
+    from hpcdiff.dist import detect_topology
+
+    subjects = make_cohort(Path(args.out), args.subjects, tuple(args.shape), args.seed)
+    if detect_topology().is_main:
+        print(f"cohort: {len(subjects)} subjects in {args.out}; ground truth in {Path(args.out) / TRUTH_DIR}")
+    return 0
+
+
+# ---------------------------------------------------------------- ingest
+def _add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="BIDS T1w images -> conformed HDF5 shards (resumable, sliced across ranks)")
+    p.add_argument("bids_dir", help="root of a BIDS dataset (participants.tsv, sub-*/[ses-*/]anat/*_T1w.nii[.gz])")
+    p.add_argument("--out", required=True, help="shard directory to create (a rerun completes it)")
+    p.add_argument("--shape", nargs=3, type=_shape, default=[48, 56, 48], metavar=("D", "H", "W"), help="grid")
+    p.add_argument("--spacing", type=float, default=None, metavar="MM", help="isotropic voxel size (mm)")
+    p.add_argument("--subjects-per-shard", type=_shape, default=64, metavar="K", help="subjects per shard")
+    p.add_argument("--strict", action="store_true", help="exit 3 if any input is quarantined")
+    p.set_defaults(handler=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    from hpcdiff.data.ingest import ingest
+    from hpcdiff.data.shards import QUARANTINE
+    from hpcdiff.dist import detect_topology
+
+    r = ingest(
+        Path(args.bids_dir), Path(args.out), tuple(args.shape), args.spacing, args.subjects_per_shard, args.strict
+    )
+    if detect_topology().is_main:
+        print(
+            f"ingest: {r.num_subjects} subjects in {r.num_shards} shards in {r.out} "
+            f"({r.shards_written} written, {r.shards_skipped} already complete); "
+            f"{len(r.quarantined)} quarantined, listed in {r.out / QUARANTINE}"
+        )
+    return 0
+
+
 # ---------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; resumes from the newest valid checkpoint in --run-dir")
@@ -270,14 +319,87 @@ def _run_cluster_aws_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- stats
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="group statistics over shards with dask (template, groupdiff, gamma, ...)")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser, required=True)
+    covariates = "comma-separated covariate columns to adjust for, e.g. age,sex"
+    specs = {
+        "template": ("voxelwise mean and standard deviation of all subjects", ["shards"]),
+        "groupdiff": ("voxelwise group difference (GLM; Welch's t without covariates)", ["shards"]),
+        "gamma": ("residual variance after the GLM and its gamma fit, overall and per region", ["shards"]),
+        "zscore": ("normative z-score map of one subject given its covariates", ["shards"]),
+        "compare": ("does a synthetic cohort reproduce the real one?", ["real", "synth"]),
+    }
+    for action, (what, positional) in specs.items():
+        q = actions.add_parser(action, help=what, description=what)
+        for name in positional:
+            q.add_argument(name, metavar=name.upper() if name == "shards" else f"{name.upper()}_SHARDS")
+        q.add_argument("--out", required=True, help="output directory (NIfTI maps, PNG figures, summary.json)")
+        if action in ("groupdiff", "compare"):
+            q.add_argument("--group", required=action == "groupdiff", default="group", help="categorical column")
+            q.add_argument("--levels", help="REF,OTHER: the two group levels to compare (effect = OTHER - REF)")
+            q.add_argument("--alpha", type=float, default=0.05, help="FDR level for counts in the summary")
+        if action == "groupdiff":
+            q.add_argument("--pooled", action="store_true", help="pooled-variance t instead of Welch's (no covariates)")
+        if action != "template":
+            q.add_argument("--covariates", default=None, help=covariates)
+        if action in ("gamma", "zscore"):
+            q.add_argument("--atlas", help="integer label NIfTI on the shards' grid (default: octants of the grid)")
+        if action == "zscore":
+            q.add_argument("--subject", required=True, help="subject id as in the shards' subjects table")
+            q.add_argument("--top", type=int, default=5, help="most deviant regions listed in the summary")
+        q.add_argument("--backend", default="local", help="local (default), synchronous, distributed, slurm, mpi")
+        q.add_argument("--workers", type=int, default=2, help="worker processes or Slurm jobs (default 2)")
+        q.add_argument("--partition", help="Slurm partition of the worker jobs (backend slurm)")
+        q.add_argument("--walltime", default="00:30:00", help="Slurm time limit of each worker job")
+        q.add_argument("--block", type=int, default=16, help="subjects read per dask task (default 16)")
+        q.add_argument("--mask-threshold", type=float, default=0.05, help="mask: template mean > this x max")
+        q.add_argument("--json", action="store_true", help="print the summary as JSON")
+        q.set_defaults(handler=_run_stats)
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    from hpcdiff import stats
+
+    opts = stats.StatsOptions(block=args.block, mask_threshold=args.mask_threshold)
+    backend_opts = stats.BackendOptions(workers=args.workers, partition=args.partition, walltime=args.walltime)
+    listed = getattr(args, "covariates", None)
+    cov = [c.strip() for c in listed.split(",") if c.strip()] if listed else []
+    levels = args.levels.split(",") if getattr(args, "levels", None) else None
+    calls = {
+        "template": lambda: stats.run_template(args.shards, args.out, opts),
+        "groupdiff": lambda: stats.run_groupdiff(
+            args.shards, args.out, args.group, cov, levels, args.pooled, args.alpha, opts
+        ),
+        "gamma": lambda: stats.run_gamma(args.shards, args.out, cov, args.atlas, options=opts),
+        "zscore": lambda: stats.run_zscore(
+            args.shards, args.out, args.subject, cov if listed is not None else None, args.atlas, args.top, opts
+        ),
+        "compare": lambda: stats.run_compare(
+            args.real, args.synth, args.out, args.group, cov, levels, args.alpha, opts
+        ),
+    }
+    with stats.backend(args.backend, backend_opts):
+        summary = calls[args.action]()
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        print(f"stats {args.action}: wrote {Path(args.out) / 'summary.json'} ({summary['seconds']:.1f} s)")
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_doctor,
+    _add_cohort,
+    _add_ingest,
     _add_train,
     _add_submit,
     _add_status,
     _add_logs,
     _add_inspect,
     _add_cluster,
+    _add_stats,
 )
 
 
