@@ -251,7 +251,7 @@ def _loop(
     bar = _progress_bar(parts.step, t_cfg.steps) if progress and ctx.is_main else None
     last_ckpt = last_beat = time.monotonic()
     while parts.step < t_cfg.steps:
-        step = parts.step
+        step, step_position = parts.step, parts.position
         t0 = time.perf_counter()
         lr = lr_at(job, step)
         for group in parts.optimizer.param_groups:
@@ -298,6 +298,8 @@ def _loop(
             row = {
                 "step": parts.step,
                 "loss": loss_mean,
+                "position": step_position,
+                "world_size": ctx.world_size,
                 "lr": lr,
                 "samples_per_s": global_batch * o_cfg.grad_accum / elapsed,
                 "data_wait_s": data_wait,
@@ -317,7 +319,8 @@ def _loop(
             _save(parts, job, ctx, run)
             last_ckpt = time.monotonic()
         if stopping:
-            why = stop.signal_name or ("time limit" if agreed[2] else "a peer's signal")
+            names = [n for n in ctx.all_gather_object(stop.signal_name) if n]
+            why = names[0] if names else "time limit"
             if ctx.is_main:
                 run.update_status(state="stopped", step=parts.step, heartbeat=time.time(), stop_reason=why)
                 run.event("signal", step=parts.step, reason=why)
@@ -344,9 +347,13 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 
 
 def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir) -> None:
-    """Rank 0 writes (weights are identical on every rank under DDP); all ranks wait for it to be verified."""
+    """Rank 0 writes (replicas are checked bitwise equal first); all ranks wait for it to be verified."""
+    digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
+    digests = ctx.all_gather_object(digest)
+    if len(set(digests)) != 1:
+        # DDP keeps replicas bitwise equal; if they drift, a checkpoint of rank 0 would silently lose the others.
+        raise RuntimeError(f"weights differ across ranks at step {parts.step}: {digests}")
     if ctx.is_main:
-        digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
         t0 = time.perf_counter()
         info = checkpoint.save(run.checkpoints, parts.step, _state(parts, job, ctx), digest)
         stall = time.perf_counter() - t0

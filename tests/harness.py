@@ -49,7 +49,7 @@ def require_mpi() -> None:
     require("mpi", ok, "needs mpirun and mpi4py (apt-get install openmpi-bin libopenmpi-dev)")
 
 
-def test_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a child process: ours, MPI's root variables, one thread per rank."""
     env = dict(os.environ)
     env.update(MPI_ENV)
@@ -70,7 +70,7 @@ def run(
             capture_output=True,
             text=True,
             timeout=timeout,
-            env=test_env(env),
+            env=child_env(env),
             cwd=cwd,
             check=False,
         )
