@@ -22,7 +22,10 @@ def regions(shape: tuple[int, int, int] = SHAPE) -> dict[str, np.ndarray]:
     brain = _ellipsoid(shape, c, tuple(n * 0.45 for n in shape))
     patch = _ellipsoid(shape, (c[0] + shape[0] * 0.2, c[1], c[2]), (2.5, 2.5, 2.5)) & brain
     ventricles = _ellipsoid(shape, c, (1.6, 2.5, 1.6))
-    return {"brain": brain, "patch": patch, "ventricles": ventricles}
+    high = np.meshgrid(*[np.arange(n) >= n / 2 for n in shape], indexing="ij")
+    last_octant = high[0] & high[1] & high[2] & brain
+    tissue = 0.7 + 0.6 * np.linspace(0, 1, shape[0])[:, None, None] * np.ones(shape)  # structure for templates
+    return {"brain": brain, "patch": patch, "ventricles": ventricles, "last_octant": last_octant, "tissue": tissue}
 
 
 def write_cohort_shards(
@@ -36,9 +39,13 @@ def write_cohort_shards(
     noise: float = 0.1,
     groups: tuple[str, ...] = ("CN", "AD"),
     affine: np.ndarray | None = None,
+    lesion: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write ``num_subjects`` volumes (brain 1.0 + noise, +group_effect in the patch for the second group,
-    ventricles darker with age) as shards at ``root``; returns the subjects table and the regions."""
+    """Write ``num_subjects`` volumes as shards at ``root``; returns the subjects table and the regions.
+
+    Brain 0.7..1.3 along the first axis plus noise; +group_effect in the patch for the second group; ventricles
+    darker with age; subject ``lesion`` brighter in the last octant.
+    """
     rng = np.random.default_rng(seed)
     reg = regions(shape)
     group = np.array([groups[i % len(groups)] for i in range(num_subjects)])
@@ -46,9 +53,11 @@ def write_cohort_shards(
     sex = rng.choice(["F", "M"], num_subjects)
     images = np.zeros((num_subjects, 1, *shape), dtype=np.float32)
     for i in range(num_subjects):
-        v = reg["brain"] * (1.0 + noise * rng.standard_normal(shape))
+        v = reg["brain"] * (reg["tissue"] + noise * rng.standard_normal(shape))
         v = v + reg["patch"] * group_effect * (group[i] == groups[-1])
         v = v + reg["ventricles"] * age_effect * (age[i] - 50) + reg["brain"] * 0.03 * (sex[i] == "M")
+        if i == lesion:
+            v = v + 0.5 * reg["last_octant"]
         images[i, 0] = v
     subjects = {
         "id": np.array([f"sub-{i:03d}" for i in range(num_subjects)]),
