@@ -1,7 +1,8 @@
 """The training loop: build the parts, resume from the newest valid checkpoint, step, checkpoint, stop cleanly.
 
 Exact resume rests on two facts: data order is a function of (seed, stream position), and every random draw of
-a step (noise, timesteps, condition dropout, dropout) comes from generators seeded by (seed, step, rank, micro).
+a step comes from generators seeded by counters: noise, timesteps and condition dropout by (seed, stream
+position of the sample), dropout layers by (seed, step, rank, micro-batch).
 So the resume state is the step, the stream position and the tensors; a resumed run repeats the uninterrupted
 one bit for bit. The loop does not know who launched it: it gets a ``dist.Context`` and a run directory.
 """
@@ -265,9 +266,13 @@ def _loop(
             data_wait += time.perf_counter() - tw
             x = batch.x.to(device, non_blocking=True)
             cov = {k: v.to(device, non_blocking=True) for k, v in batch.covariates.items()} or None
-            seed = seed_for(t_cfg.seed, step, ctx.rank, micro)
-            torch.manual_seed(seed)  # dropout inside the model draws from the global generator
-            gen = torch.Generator(device=device).manual_seed(seed)
+            # Dropout inside the model draws from the global generator; everything else from one generator per
+            # sample, seeded by its stream position: the same sample gets the same noise at any number of ranks.
+            torch.manual_seed(seed_for(t_cfg.seed, step, ctx.rank, micro))
+            gen = [
+                torch.Generator(device=device).manual_seed(seed_for(t_cfg.seed, batch.position + i))
+                for i in range(x.shape[0])
+            ]
             last = micro == o_cfg.grad_accum - 1
             sync = contextlib.nullcontext() if last or not ctx.distributed else net.no_sync()
             autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()

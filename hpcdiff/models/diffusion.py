@@ -22,10 +22,12 @@ from torch import Tensor, nn
 
 from hpcdiff.models.objective import (
     Covariates,
+    Generators,
     Objective,
     drop_mask,
     guided,
     model_device,
+    randint,
     randn,
     warn_unused_guidance,
 )
@@ -105,9 +107,7 @@ class DDPM(Objective):
             raise ValueError(f"steps must be an integer in 1..num_timesteps={T}, got {steps!r}")
         return [round(T * (steps - i) / steps) - 1 for i in range(steps)]
 
-    def step(
-        self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float, generator: torch.Generator
-    ) -> Tensor:
+    def step(self, model_output: Tensor, t: int, t_prev: int, x_t: Tensor, eta: float, generator: Generators) -> Tensor:
         """One DDIM update from timestep ``t`` to ``t_prev`` (-1 means the end, abar = 1).
 
         Args:
@@ -142,12 +142,12 @@ class DDPM(Objective):
         model: nn.Module,
         x_data: Tensor,
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         cond_drop_prob: float = 0.0,
     ) -> Tensor:
         """||model(x_t, t/T) - target||^2, t uniform over 0..T-1, target eps or v; see Objective.loss."""
         batch, device = x_data.shape[0], x_data.device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=generator.device).to(device)
+        t = randint(self.num_timesteps, batch, generator, device)
         eps = randn(tuple(x_data.shape), generator, device)
         x_0 = x_data.float()
         x_t = self.add_noise(x_0, eps, t)
@@ -161,7 +161,7 @@ class DDPM(Objective):
         model: nn.Module,
         shape: tuple[int, ...],
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         steps: int,
         sampler: str | None = None,
         guidance: float = 1.0,

@@ -14,10 +14,12 @@ from torch import Tensor, nn
 
 from hpcdiff.models.objective import (
     Covariates,
+    Generators,
     Objective,
     drop_mask,
     guided,
     model_device,
+    rand,
     randn,
     warn_unused_guidance,
 )
@@ -78,12 +80,12 @@ class FlowMatching(Objective):
         model: nn.Module,
         x_data: Tensor,
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         cond_drop_prob: float = 0.0,
     ) -> Tensor:
         """||model(x_t, t) - (x_1 - x_0)||^2 with t ~ U[0, 1) and x_0 ~ N(0, I); see Objective.loss."""
         batch, device = x_data.shape[0], x_data.device
-        t = torch.rand(batch, generator=generator, device=generator.device).to(device)
+        t = rand(batch, generator, device)
         x_0 = randn(tuple(x_data.shape), generator, device)
         x_t, u_t = self.path.sample(x_0, x_data.float(), t)
         drop = drop_mask(batch, cond_drop_prob, covariates, generator, device)
@@ -95,7 +97,7 @@ class FlowMatching(Objective):
         model: nn.Module,
         shape: tuple[int, ...],
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         steps: int,
         sampler: str | None = None,
         guidance: float = 1.0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,7 +57,7 @@ class Objective(ABC):
         model: nn.Module,
         x_data: Tensor,
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         cond_drop_prob: float = 0.0,
     ) -> Tensor:
         """Mean squared error of the model's prediction on one batch, as a float32 scalar.
@@ -66,7 +66,8 @@ class Objective(ABC):
             model (nn.Module): called as ``model(x_t, t, covariates, drop)``; a UNet, or DDP around one.
             x_data (Tensor): data batch, shape (batch, C, *spatial).
             covariates (dict[str, Tensor] | None): per name, shape (batch,).
-            generator (torch.Generator): the only source of randomness (time, noise, dropped conditions).
+            generator (Generators): the only source of randomness (time, noise, dropped conditions); one
+                per sample makes each sample's draws independent of its batch.
             cond_drop_prob (float): probability of replacing a sample's covariates by the null embedding.
         """
 
@@ -76,7 +77,7 @@ class Objective(ABC):
         model: nn.Module,
         shape: tuple[int, ...],
         covariates: Covariates | None,
-        generator: torch.Generator,
+        generator: Generators,
         steps: int,
         sampler: str | None = None,
         guidance: float = 1.0,
@@ -87,7 +88,8 @@ class Objective(ABC):
             model (nn.Module): the trained network (usually the EMA weights), in eval mode.
             shape (tuple[int, ...]): (batch, C, *spatial).
             covariates (dict[str, Tensor] | None): per name, shape (batch,); None samples unconditionally.
-            generator (torch.Generator): the only source of randomness.
+            generator (Generators): the only source of randomness; one per sample makes each sample depend
+                on its own seed only.
             steps (int): number of sampler steps.
             sampler (str | None): one of ``samplers``; None picks ``default_sampler``.
             guidance (float): classifier-free guidance scale; 1 is plain conditional sampling.
@@ -105,13 +107,44 @@ class Objective(ABC):
         return name
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator]
+"""One generator for the whole batch, or one per sample: then sample i's draws come from generator i only, so a
+sample depends on its own seed and not on which batch, rank or task it landed in."""
+
+
+def _per_sample(
+    generator: Generators,
+    batch: int,
+    draw: Callable[[torch.Generator, tuple[int, ...]], Tensor],
+    shape: tuple[int, ...],
+    device: torch.device,
+) -> Tensor:
+    if isinstance(generator, torch.Generator):
+        return draw(generator, shape).to(device)
+    if len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}: pass one per sample")
+    return torch.stack([draw(g, shape[1:]) for g in generator]).to(device)
+
+
+def randn(shape: tuple[int, ...], generator: Generators, device: torch.device) -> Tensor:
     """Standard normal float32 noise drawn on the generator's device, then moved to ``device``."""
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+    return _per_sample(generator, shape[0], lambda g, s: torch.randn(s, generator=g, device=g.device), shape, device)
+
+
+def rand(batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """Uniform [0, 1) float32 values, shape (batch,), one per sample."""
+    return _per_sample(generator, batch, lambda g, s: torch.rand(s, generator=g, device=g.device), (batch,), device)
+
+
+def randint(high: int, batch: int, generator: Generators, device: torch.device) -> Tensor:
+    """Integers in [0, high), shape (batch,), one per sample."""
+    return _per_sample(
+        generator, batch, lambda g, s: torch.randint(0, high, s, generator=g, device=g.device), (batch,), device
+    )
 
 
 def drop_mask(
-    batch: int, cond_drop_prob: float, covariates: Covariates | None, generator: torch.Generator, device: torch.device
+    batch: int, cond_drop_prob: float, covariates: Covariates | None, generator: Generators, device: torch.device
 ) -> Tensor | None:
     """Which samples train the unconditional model, shape (batch,) bool; None when nothing is dropped.
 
@@ -122,7 +155,7 @@ def drop_mask(
         raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
     if covariates is None or cond_drop_prob == 0.0:
         return None
-    return (torch.rand(batch, generator=generator, device=generator.device) < cond_drop_prob).to(device)
+    return rand(batch, generator, device) < cond_drop_prob
 
 
 def model_device(model: nn.Module) -> torch.device:
