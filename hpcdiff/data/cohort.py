@@ -273,6 +273,7 @@ def make_cohort(
     ctx = dist.init(device="cpu")
     try:
         params = {"subjects": num_subjects, "shape": list(shape), "seed": seed, "effects": asdict(effects)}
+        params = json.loads(json.dumps(params))  # tuples become lists, as in the file it is compared with
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             _check_params(out, params)
