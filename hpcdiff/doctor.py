@@ -6,6 +6,7 @@ Each probe is a small function that never raises: a missing part is a finding, n
 from __future__ import annotations
 
 import importlib
+import os
 import platform
 import shutil
 import subprocess
@@ -87,6 +88,15 @@ def _slurm() -> dict[str, Any]:
     info: dict[str, Any] = {"present": bool(sinfo and shutil.which("sbatch")), "sinfo": sinfo}
     if not sinfo:
         info["fix"] = "apt-get install -y slurm-client (or `module load slurm`); slurm/local/start.sh for a test one"
+        return info
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):
+        # Every Slurm client, `sinfo --version` included, retries a missing SLURM_CONF for 60 s: ask none.
+        info["version"] = None
+        info["controller"] = False
+        info["partitions"] = []
+        info["controller_error"] = f"SLURM_CONF={conf} does not exist"
+        info["fix"] = "point SLURM_CONF at the cluster's slurm.conf, or unset it"
         return info
     rc, out = _run(["sinfo", "--version"])
     info["version"] = out.splitlines()[0] if rc == 0 and out else None
