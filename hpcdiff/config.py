@@ -145,7 +145,7 @@ def build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     for key in data:
         if key not in fields:
             section = f"in {where!r}" if where else "at the top level"
-            raise ConfigError(f"unknown key {prefix}{key!r} {section}{suggest(str(key), list(fields))}")
+            raise ConfigError(f"unknown key '{prefix}{key}' {section}{suggest(str(key), list(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:

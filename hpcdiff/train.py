@@ -23,12 +23,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcdiff import checkpoint
-from hpcdiff.config import build, diff
+from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
 from hpcdiff.errors import EXIT_REQUEUE, ConfigError
-from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
 from hpcdiff.train_config import JobConfig, job_to_dict
@@ -52,22 +52,6 @@ def lr_at(job: JobConfig, step: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def covariate_specs(shards: ShardSet, wanted: list[str] | None) -> list[CovariateSpec]:
-    """Conditioning specs from the manifest's covariate schema (standardisation from the training cohort)."""
-    schema = shards.covariates
-    names = list(schema) if wanted is None else wanted
-    specs = []
-    for name in names:
-        if name not in schema:
-            raise ConfigError(f"data.covariates: {name!r} is not in the shards' covariates {sorted(schema)}")
-        s = schema[name]
-        if s["kind"] == "categorical":
-            specs.append(CovariateSpec(name=name, kind="categorical", levels=list(s["levels"])))
-        else:
-            specs.append(CovariateSpec(name=name, kind="continuous", mean=s["mean"], std=s["std"] or 1.0))
-    return specs
-
-
 def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
     for key in ("dims", "covariates"):
         if key in job.model:
@@ -87,6 +71,8 @@ class _Parts:
     model: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    model_config: UNetConfig
+    covariate_schema: dict[str, Any]
     step: int = 0
     position: int = 0
 
@@ -101,6 +87,10 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "ema": parts.ema.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
         "config": job_to_dict(job),
+        # What sampling needs to rebuild the network without the training shards or the job file.
+        "model_config": to_dict(parts.model_config),
+        "objective_config": dict(job.objective),
+        "covariates": parts.covariate_schema,
     }
 
 
@@ -152,16 +142,20 @@ def train(
         raise ConfigError(error)
 
     shards = ShardSet.open(job.data.shards)
-    specs = covariate_specs(shards, job.data.covariates)
+    try:
+        specs = covariate_specs(shards.covariates, job.data.covariates)
+    except ConfigError as e:
+        raise ConfigError(f"data.covariates: {e}") from e
     device = ctx.device
     torch.manual_seed(seed_for(job.train.seed, -1))
-    model = UNet(build_model_config(job, specs)).to(device)
+    model_cfg = build_model_config(job, specs)
+    model = UNet(model_cfg).to(device)
     objective = build_objective_from(job)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay
     )
-    parts = _Parts(model, ema, optimizer)
+    parts = _Parts(model, ema, optimizer, model_cfg, {s.name: shards.covariates[s.name] for s in specs})
 
     ckroot = run.checkpoints
     resumed = checkpoint.latest_valid(ckroot)
