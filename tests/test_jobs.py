@@ -1,0 +1,26 @@
+"""Every ready job config in jobs/ loads, validates and builds its model configuration."""
+
+from pathlib import Path
+
+import pytest
+
+from hpcdiff.train import build_model_config, build_objective_from
+from hpcdiff.train_config import load_job
+from tests.harness import ROOT
+
+TRAIN_JOBS = sorted(
+    p for p in (ROOT / "jobs").glob("*.yaml") if "data" in p.read_text() and "stages" not in p.read_text()
+)
+
+
+@pytest.mark.parametrize("path", TRAIN_JOBS, ids=lambda p: p.name)
+def test_job_config_is_valid(path: Path):
+    job = load_job(path)
+    cfg = build_model_config(job, [])
+    assert cfg.dims == (3 if job.data.mode == "3d" else 2)
+    assert build_objective_from(job) is not None
+
+
+def test_the_ready_jobs_cover_2d_3d_demo_and_ukbiobank():
+    names = {p.name for p in TRAIN_JOBS}
+    assert {"demo.yaml", "slices-2d.yaml", "volumes-3d.yaml", "ukbiobank-3d.yaml"} <= names
