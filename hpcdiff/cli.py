@@ -164,14 +164,38 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- submit
 def _add_submit(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("submit", help="run a training job in the background: local supervisor or Slurm")
-    p.add_argument("config", help="job config YAML")
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--backend", choices=("local",), default="local")
+    p = sub.add_parser(
+        "submit",
+        help="run a training job (or a pipeline YAML) in the background: local supervisor or Slurm",
+        description="Submit CONFIG.yaml (a training job) to the local supervisor or to Slurm; a pipeline YAML "
+        "(with a 'stages' section, see jobs/pipeline.yaml) submits its stages as dependent Slurm jobs.",
+    )
+    p.add_argument("config", help="job config YAML, or a pipeline YAML")
+    p.add_argument("--run-dir", help="run directory (required for a training job; overrides a pipeline's 'dir')")
+    p.add_argument("--backend", choices=("local", "slurm"), default="local")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--max-restarts", type=int, default=3, help="restarts after a crash or a clean stop")
     local = p.add_argument_group("local backend")
     local.add_argument("--ranks", type=_positive, default=1, help="mpirun ranks")
-    local.add_argument("--max-restarts", type=int, default=3, help="restarts after a crash or a clean stop")
+    slurm = p.add_argument_group("slurm backend")
+    slurm.add_argument("--partition", help="partition (queue)")
+    slurm.add_argument("--account", help="account charged")
+    slurm.add_argument("--qos", help="quality of service")
+    slurm.add_argument("--constraint", help="node features, e.g. a100")
+    slurm.add_argument("--time", help="time limit (minutes, HH:MM:SS or D-HH:MM:SS)")
+    slurm.add_argument("--nodes", type=_positive, default=1)
+    slurm.add_argument("--ntasks-per-node", type=_positive, help="ranks per node (default: one per GPU, else 1)")
+    slurm.add_argument("--gpus-per-node", type=int, default=0)
+    slurm.add_argument("--cpus-per-task", type=_positive)
+    slurm.add_argument("--signal-before", type=_positive, default=300, metavar="S", help="USR1 S seconds before --time")
+    slurm.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run first, e.g. 'module load cuda' (trusted: copied into the script verbatim; repeatable)",
+    )
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
     p.set_defaults(handler=_run_submit)
 
 
@@ -183,12 +207,67 @@ def _positive(text: str) -> int:
 
 
 def _run_submit(args: argparse.Namespace) -> int:
+    from hpcdiff.config import load_yaml
+    from hpcdiff.errors import UsageError
+    from hpcdiff.launch.pipeline import is_pipeline
+
+    if is_pipeline(load_yaml(args.config)):
+        return _run_submit_pipeline(args)
+    if not args.run_dir:
+        raise UsageError("--run-dir is required to submit a training job (where checkpoints, status and logs go)")
+    if args.backend == "slurm":
+        return _run_submit_slurm(args)
     from hpcdiff.launch.local import start_detached
     from hpcdiff.train_config import load_job
 
     load_job(args.config, args.set)  # refuse a bad config now, not in the background
     pid = start_detached(Path(args.config), Path(args.run_dir), args.ranks, args.max_restarts, args.set)
     print(f"supervisor {pid} runs {args.run_dir}; follow it with: hpcdiff status {args.run_dir}")
+    return 0
+
+
+def _slurm_options(args: argparse.Namespace) -> object:
+    from hpcdiff.launch.slurm import SlurmOptions
+
+    return SlurmOptions(
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        constraint=args.constraint,
+        time=args.time,
+        nodes=args.nodes,
+        ntasks_per_node=args.ntasks_per_node,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_task=args.cpus_per_task,
+        max_restarts=args.max_restarts,
+        signal_before_s=args.signal_before,
+        setup=args.setup,
+    )
+
+
+def _run_submit_slurm(args: argparse.Namespace) -> int:
+    from hpcdiff.launch.slurm import submit_train
+    from hpcdiff.train_config import load_job
+
+    load_job(args.config, args.set)  # refuse a bad config now, not after hours in the queue
+    text, sub = submit_train(Path(args.config), Path(args.run_dir), _slurm_options(args), args.set, args.dry_run)
+    if sub is None:
+        print(text, end="")
+    else:
+        print(f"submitted Slurm job {sub.job_id} for {args.run_dir} (script {sub.script}, output {sub.output})")
+        print(f"follow it from any shell: hpcdiff status {args.run_dir}; hpcdiff logs {args.run_dir} --follow")
+    return 0
+
+
+def _run_submit_pipeline(args: argparse.Namespace) -> int:
+    from hpcdiff.errors import UsageError
+    from hpcdiff.launch.pipeline import load_pipeline, submit_pipeline
+
+    if args.backend != "slurm":
+        raise UsageError("a pipeline runs as dependent Slurm jobs: add --backend slurm")
+    pipe = load_pipeline(Path(args.config), args.set, run_dir=args.run_dir)
+    result = submit_pipeline(pipe, dry_run=args.dry_run)
+    print(result)
     return 0
 
 
@@ -201,8 +280,13 @@ def _add_status(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_status(args: argparse.Namespace) -> int:
+    from hpcdiff.launch.pipeline import describe_pipeline, is_pipeline_dir, pipeline_status
     from hpcdiff.report import describe_status, read_status
 
+    if is_pipeline_dir(Path(args.run_dir)):
+        status = pipeline_status(Path(args.run_dir))
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else describe_pipeline(status))
+        return 0
     status = read_status(Path(args.run_dir))
     print(json.dumps(status, indent=2, sort_keys=True) if args.json else describe_status(status))
     return 0

@@ -37,7 +37,8 @@ class Moments:
         if y.shape[0] == 0:
             return cls(0, np.zeros(y.shape[1]), np.zeros(y.shape[1]))
         mean = y.mean(axis=0)
-        return cls(y.shape[0], mean, ((y - mean) ** 2).sum(axis=0))
+        y = y - mean
+        return cls(y.shape[0], mean, np.einsum("bv,bv->v", y, y))
 
     def combine(self, other: Moments) -> Moments:
         """Merge two disjoint sets of subjects (Chan, Golub and LeVeque 1979)."""

@@ -29,13 +29,14 @@ def _read_block(shards: ShardSet, rows: np.ndarray, mask: np.ndarray | None) -> 
     import hdf5plugin  # noqa: F401  # a worker process may not have registered the LZ4 filter yet
 
     volumes = shards.read_many(rows, dtype=np.float16).reshape(len(rows), -1)
-    return (volumes if mask is None else volumes[:, mask]).astype(np.float32)
+    # Kept float16 (as stored): the summaries convert once, straight to float64.
+    return volumes if mask is None else volumes[:, mask]
 
 
 def voxel_array(
     shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int = DEFAULT_BLOCK
 ) -> da.Array:
-    """The volumes of ``rows`` as a lazy (n, V) float32 dask array chunked by ``block`` subjects.
+    """The volumes of ``rows`` as a lazy (n, V) float16 dask array (the stored values) chunked by ``block`` subjects.
 
     Args:
         shards: the shard set to read.
@@ -52,7 +53,7 @@ def voxel_array(
     for start in range(0, rows.size, block):
         chunk = rows[start : start + block]
         part = dask.delayed(_read_block, pure=True)(shards_d, chunk, mask_d)
-        parts.append(da.from_delayed(part, shape=(chunk.size, num_voxels), dtype=np.float32))
+        parts.append(da.from_delayed(part, shape=(chunk.size, num_voxels), dtype=np.float16))
     return da.concatenate(parts, axis=0)
 
 
