@@ -38,6 +38,11 @@ def read_status(path: Path) -> dict[str, Any]:
     status["latest_valid_step"] = latest.step if latest else None
     status.setdefault("state", "pending")
     status["run_dir"] = str(run.root)
+    if status.get("backend") == "slurm" and status.get("job_ids"):
+        from hpcdiff.launch.slurm_query import job_summary
+
+        # Live, while Slurm remembers the job; the run directory above stays the source of truth.
+        status["slurm"] = job_summary(str(status["job_ids"][-1]))
     return status
 
 
@@ -51,6 +56,9 @@ def describe_status(status: dict[str, Any]) -> str:
     ]
     if status.get("job_ids"):
         lines.append(f"job ids    {', '.join(map(str, status['job_ids']))}")
+    if status.get("slurm"):
+        live = status["slurm"]
+        lines.append(f"slurm      job {live['job_id']} {live['state']} (requeued {live.get('restarts', '?')} times)")
     if "heartbeat_age_s" in status:
         lines.append(f"heartbeat  {status['heartbeat_age_s']} s ago")
     if status.get("error"):

@@ -1,0 +1,180 @@
+"""sbatch scripts are a pure function of the options: golden files (slurm/*.sbatch), shell safety, bad options.
+
+Regenerate the golden files after an intended change with ``HPCDIFF_UPDATE_GOLDEN=1 pytest tests/test_slurm_render.py``
+and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from hpcdiff.errors import ConfigError, UsageError
+from hpcdiff.launch.pipeline import jobs, load_pipeline
+from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, render, sbatch_argv, train_job
+from tests.harness import ROOT, assert_ok, hpcdiff
+
+PY = "/project/me/hpcdiff/.venv/bin/python"
+DATA = Path("/scratch/me/hpcdiff")
+
+EXAMPLES: dict[str, JobScript] = {
+    "train": train_job(
+        Path("/project/me/hpcdiff/jobs/demo.yaml"),
+        DATA / "runs/demo",
+        SlurmOptions(
+            partition="gpu",
+            account="my-lab",
+            time="1-00:00:00",
+            nodes=2,
+            gpus_per_node=4,
+            cpus_per_task=8,
+            max_restarts=5,
+            signal_before_s=600,
+            setup=["module load cuda/12.4 openmpi/4.1", "source /project/me/hpcdiff/.venv/bin/activate"],
+        ),
+        python=PY,
+    ),
+    "sample": JobScript(
+        kind="sample",
+        command=hpcdiff_argv(
+            "sample", "--run-dir", DATA / "runs/demo", "--out", DATA / "synth", "--n", "1000", python=PY
+        ),
+        options=SlurmOptions(partition="gpu", time="04:00:00", gpus_per_node=1, setup=["module load cuda/12.4"]),
+        array=8,
+    ),
+    "ingest": JobScript(
+        kind="ingest",
+        command=hpcdiff_argv("ingest", "/project/me/bids", "--out", DATA / "shards", python=PY),
+        options=SlurmOptions(partition="cpu", time="02:00:00", ntasks_per_node=4, cpus_per_task=2),
+    ),
+    "stats": JobScript(
+        kind="stats",
+        command=hpcdiff_argv(
+            "stats", "compare", DATA / "shards", DATA / "synth", "--out", DATA / "stats", "--workers", "16", python=PY
+        ),
+        options=SlurmOptions(partition="cpu", time="01:00:00", cpus_per_task=16),
+        use_srun=False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_rendered_script_matches_golden_file(name):
+    golden = ROOT / "slurm" / f"{name}.sbatch"
+    text = render(EXAMPLES[name])
+    if os.environ.get("HPCDIFF_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert golden.read_text() == text, f"{golden} is stale: rerun with HPCDIFF_UPDATE_GOLDEN=1 and review the diff"
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_golden_scripts_are_valid_bash(name):
+    proc = subprocess.run(["bash", "-n", ROOT / "slurm" / f"{name}.sbatch"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_rendering_is_a_pure_function():
+    again = train_job(
+        Path("/project/me/hpcdiff/jobs/demo.yaml"), DATA / "runs/demo", EXAMPLES["train"].options, python=PY
+    )
+    assert render(again) == render(EXAMPLES["train"])
+
+
+WEIRD = '/tmp/my runs/it\'s "quoted" $(touch /tmp/pwned) `id` ; rm -rf ~ %j'
+
+
+def test_paths_with_spaces_quotes_and_shell_syntax_reach_the_program_verbatim(tmp_path):
+    job = train_job(Path(WEIRD) / "job.yaml", Path(WEIRD) / "run", SlurmOptions(), ["train.note=a b;$(x)"])
+    text = render(job)
+    step = next(line for line in text.splitlines() if line.startswith("STEP=("))
+    # bash itself parses the line; the array must hold exactly the argument list, nothing executed.
+    proc = subprocess.run(
+        ["bash", "-c", step + '\nprintf "%s\\0" "${STEP[@]}"'], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\0")[:-1] == job.command
+    assert job.command[4] == WEIRD + "/job.yaml" and job.command[6] == WEIRD + "/run"
+    assert not list(tmp_path.iterdir())
+
+
+def test_output_pattern_escapes_percent_and_sbatch_gets_an_argument_list():
+    out = output_pattern(Path("/data/100%/run"), "train", array=False)
+    assert out == "/data/100%%/run/train-%j.out"
+    assert output_pattern(Path("/d"), "sample", array=True) == "/d/sample-%A_%a.out"
+    argv = sbatch_argv(Path("/a b/train.sbatch"), out, "afterok:12")
+    assert argv == [
+        "sbatch",
+        "--parsable",
+        f"--output={out}",
+        "--dependency=afterok:12",
+        "--kill-on-invalid-dep=yes",
+        "/a b/train.sbatch",
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"partition": "gpu --wrap=evil"}, "partition"),
+        ({"account": "lab'x"}, "account"),
+        ({"qos": "a#b"}, "qos"),
+        ({"time": "tomorrow"}, "time"),
+        ({"nodes": 0}, "nodes"),
+        ({"max_restarts": -1}, "max_restarts"),
+        ({"setup": ["module load a\nmodule load b"]}, "setup"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        SlurmOptions(**kwargs)
+
+
+def test_options_only_in_the_script_when_given():
+    text = render(train_job(Path("/j.yaml"), Path("/r"), SlurmOptions()))
+    for absent in ("--partition", "--account", "--qos", "--constraint", "--time", "--gpus-per-node", "--array"):
+        assert f"#SBATCH {absent}" not in text
+    for present in ("--requeue", "--open-mode=append", "--signal=B:USR1@300", "--ntasks-per-node=1"):
+        assert f"#SBATCH {present}" in text
+
+
+def test_submit_dry_run_prints_the_script_and_writes_nothing(tmp_path):
+    job = ROOT / "jobs" / "pipeline.yaml"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("data: {shards: /nowhere, batch_size: 2}\ntrain: {steps: 3}\n")
+    run = tmp_path / "run dir"
+    proc = hpcdiff(
+        "submit", cfg, "--run-dir", run, "--backend", "slurm", "--dry-run", "--partition", "gpu",
+        "--gpus-per-node", "2", "--time", "30", "--setup", "module load cuda",
+    )  # fmt: skip
+    assert_ok(proc)
+    assert proc.stdout.startswith("#!/bin/bash\n")
+    assert "#SBATCH --gpus-per-node=2" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
+    assert "\nmodule load cuda\n" in proc.stdout
+    assert shlex.quote(str(run)) in proc.stdout
+    assert not run.exists()
+    assert job.exists()
+
+
+def test_submit_refuses_a_bad_option_with_exit_2(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("data: {shards: /nowhere, batch_size: 2}\ntrain: {steps: 3}\n")
+    proc = hpcdiff("submit", cfg, "--run-dir", tmp_path / "r", "--backend", "slurm", "--dry-run", "--time", "soon")
+    assert_ok(proc, 2)
+    assert "time" in proc.stderr and "HH:MM:SS" in proc.stderr
+
+
+def test_pipeline_yaml_is_typed_and_renders_dependent_stages(tmp_path):
+    pipe = load_pipeline(ROOT / "jobs" / "pipeline.yaml", run_dir=str(tmp_path / "p"))
+    names = [name for name, _ in jobs(pipe)]
+    assert names == ["ingest", "train", "sample", "stats"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dir: x\nstages:\n  train: {config: j.yaml, sett: []}\n")
+    with pytest.raises(ConfigError, match="stages.train.sett.*did you mean 'set'"):
+        load_pipeline(bad)
+    bad.write_text("dir: x\nstages:\n  sample: {n: 4}\n")
+    with pytest.raises(UsageError, match="needs stages.train"):
+        load_pipeline(bad)
