@@ -61,6 +61,23 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through: one pass over the bytes instead of two."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def weights_sha256(*state_dicts: Mapping[str, torch.Tensor]) -> str:
     """Digest of tensors in canonical order (name, dtype, shape, bytes): equal digests = bitwise-equal weights."""
     h = hashlib.sha256()
@@ -76,8 +93,12 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:09d}"
 
 
-def verify(path: Path) -> CheckpointInfo:
-    """Check a checkpoint folder against its completion marker."""
+def verify(path: Path, deep: bool = True) -> CheckpointInfo:
+    """Check a checkpoint folder against its completion marker.
+
+    ``deep`` re-reads the state file and compares its sha256; the shallow check (marker present, size equal) is
+    what retention uses for folders older than one already deep-verified.
+    """
     m = _NAME.match(path.name)
     step = int(m.group(1)) if m else -1
     marker = path / MARKER
@@ -93,22 +114,23 @@ def verify(path: Path) -> CheckpointInfo:
     size = state.stat().st_size
     if size != meta.get("size"):
         return CheckpointInfo(path, step, False, f"{STATE} has {size} bytes, marker says {meta.get('size')}")
-    if _sha256_file(state) != meta.get("sha256"):
+    if deep and _sha256_file(state) != meta.get("sha256"):
         return CheckpointInfo(path, step, False, f"{STATE} checksum differs from the marker (corrupted)")
     return CheckpointInfo(path, step, True, "", meta.get("weights_sha256"))
 
 
-def list_checkpoints(root: Path) -> list[CheckpointInfo]:
-    """Every checkpoint folder under ``root``, newest first, verified."""
+def list_checkpoints(root: Path, deep: bool = True) -> list[CheckpointInfo]:
+    """Every checkpoint folder under ``root``, newest first, verified (``deep``: by checksum)."""
     if not root.is_dir():
         return []
     dirs = sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), reverse=True)
-    return [verify(p) for p in dirs]
+    return [verify(p, deep) for p in dirs]
 
 
 def latest_valid(root: Path) -> CheckpointInfo | None:
     """The newest valid checkpoint; newer invalid ones are reported and skipped."""
-    for info in list_checkpoints(root):
+    for shallow in list_checkpoints(root, deep=False):
+        info = verify(shallow.path) if shallow.valid else shallow
         if info.valid:
             return info
         log.warning("skipping checkpoint %s: %s", info.path, info.reason)
@@ -135,13 +157,14 @@ def save(root: Path, step: int, state: dict[str, Any], digest: str) -> Checkpoin
     tmp.mkdir()
     state_path = tmp / STATE
     with open(state_path, "wb") as f:
-        torch.save(state, f)
+        writer = _HashingWriter(f)
+        torch.save(state, writer)
         f.flush()
         os.fsync(f.fileno())
     meta = {
         "step": step,
-        "size": state_path.stat().st_size,
-        "sha256": _sha256_file(state_path),
+        "size": writer.size,
+        "sha256": writer.sha.hexdigest(),
         "weights_sha256": digest,
         "time": time.time(),
     }
@@ -171,13 +194,22 @@ def load(info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"cannot load {info.path / STATE}: {e}") from e
 
 
-def apply_retention(root: Path, keep_last: int, keep_every: int | None = None) -> list[Path]:
+def apply_retention(
+    root: Path, keep_last: int, keep_every: int | None = None, verified: Path | None = None
+) -> list[Path]:
     """Delete old checkpoints, keeping the newest ``keep_last`` valid ones and every ``keep_every``-th step.
 
     Only folders older than the newest valid checkpoint are candidates, so the last valid one always survives
-    until a newer one has been verified. Returns the removed folders.
+    until a newer one has been verified by checksum (``verified`` names one the caller has just checked, to save
+    a second read); older folders are checked by marker and size. Returns the removed folders.
     """
-    infos = list_checkpoints(root)
+    infos = list_checkpoints(root, deep=False)
+    # The newest folder that justifies deleting older ones must pass the checksum, not just the size check.
+    for i, info in enumerate(infos):
+        if info.valid and info.path != verified:
+            infos[i] = verify(info.path)
+        if infos[i].valid:
+            break
     valid = [i for i in infos if i.valid]
     if not valid:
         return []

@@ -91,6 +91,7 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "model_config": to_dict(parts.model_config),
         "objective_config": dict(job.objective),
         "covariates": parts.covariate_schema,
+        "grid": ShardSet.open(job.data.shards).grid,
     }
 
 
@@ -356,7 +357,7 @@ def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir) -> None:
         t0 = time.perf_counter()
         info = checkpoint.save(run.checkpoints, parts.step, _state(parts, job, ctx), digest)
         stall = time.perf_counter() - t0
-        checkpoint.apply_retention(run.checkpoints, job.train.keep_last, job.train.keep_every)
+        checkpoint.apply_retention(run.checkpoints, job.train.keep_last, job.train.keep_every, verified=info.path)
         run.update_status(last_checkpoint=str(info.path), step=parts.step, weights_sha256=digest)
         run.event("checkpoint", step=parts.step, path=str(info.path), seconds=round(stall, 4))
     ctx.barrier()

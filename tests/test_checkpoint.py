@@ -63,10 +63,13 @@ def test_retention_keeps_last_k_and_every_nth_and_never_the_only_valid(tmp_path)
         checkpoint.apply_retention(tmp_path, keep_last=2, keep_every=3)
     steps = sorted(i.step for i in checkpoint.list_checkpoints(tmp_path))
     assert steps == [3, 6, 7]
-    # Corrupt the newest: retention must not delete the last *valid* ones in its favour.
-    (tmp_path / "step-000000007" / "state.pt").write_bytes(b"garbage")
+    # Corrupt the newest (same size, one bit): retention must not delete the last *valid* ones in its favour.
+    state_file = tmp_path / "step-000000007" / "state.pt"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     checkpoint.apply_retention(tmp_path, keep_last=1)
     assert checkpoint.latest_valid(tmp_path).step == 6
+    assert (tmp_path / "step-000000006").is_dir()
 
 
 def test_an_interrupted_write_leaves_no_checkpoint(tmp_path):
