@@ -100,6 +100,20 @@ def _run_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="whole pipeline on a built-in cohort, minutes on a laptop")
+    p.add_argument("--out", default="demo-out", help="folder for every output (default: demo-out)")
+    p.add_argument("--ranks", type=_positive, default=2, help="MPI ranks for the parallel stages")
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from hpcdiff.demo import run_demo
+
+    return run_demo(Path(args.out), ranks=args.ranks)
+
+
 # ---------------------------------------------------------------- train
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; resumes from the newest valid checkpoint in --run-dir")
@@ -473,8 +487,60 @@ def _run_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- sample
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="synthetic subjects from a run into shards (resumable, sliced across ranks and tasks)"
+    )
+    p.add_argument("--run-dir", required=True, help="training run; the EMA weights of its newest valid checkpoint")
+    p.add_argument("--out", required=True, help="shard directory to create (a rerun completes it)")
+    p.add_argument("--n", type=_positive, help="subjects (optional with --covariates: one per row)")
+    p.add_argument("--covariates", metavar="FILE.tsv", help="one row per subject, one column per trained covariate")
+    p.add_argument("--steps", type=_positive, default=50, help="sampler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    p.add_argument("--sampler", help="euler|heun (flow), ancestral|ddim (DDPM); default: the objective's")
+    p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
+    p.add_argument("--subjects-per-shard", type=_positive, default=64, metavar="K", help="subjects per shard")
+    p.add_argument("--batch-size", type=_positive, default=8, help="subjects sampled together")
+    p.add_argument("--task", type=int, help="array task index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
+    p.add_argument("--num-tasks", type=_positive, help="array tasks (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    p.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.data.slicing import Worker, array_task
+    from hpcdiff.dist import detect_topology
+    from hpcdiff.sample import SampleOptions, default_device, sample
+
+    env_task, env_tasks = array_task(os.environ)
+    task = env_task if args.task is None else args.task
+    num_tasks = (env_tasks if args.task is None else 1) if args.num_tasks is None else args.num_tasks
+    topology = detect_topology()
+    worker = Worker(task, num_tasks, topology.rank, topology.world_size)
+    opts = SampleOptions(
+        n=args.n,
+        covariates=Path(args.covariates) if args.covariates else None,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        seed=args.seed,
+        subjects_per_shard=args.subjects_per_shard,
+        batch_size=args.batch_size,
+    )
+    r = sample(args.run_dir, args.out, opts, worker, default_device(topology.local_rank))
+    done = "manifest written: all shards done" if r.manifest_written else "other workers' shards still missing"
+    print(
+        f"sample: worker {worker.index} of {worker.count}: {r.shards_written} shard(s) written, "
+        f"{r.shards_skipped} already complete, of {r.num_shards} ({r.num_subjects} subjects) in {r.out}; {done}"
+    )
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_doctor,
+    _add_demo,
     _add_cohort,
     _add_ingest,
     _add_train,
@@ -484,6 +550,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_inspect,
     _add_cluster,
     _add_stats,
+    _add_sample,
 )
 
 
