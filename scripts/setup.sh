@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Set up everything hpcdiff needs, idempotently: system MPI (and, with --test, Slurm, munge, hdf5-tools),
 # a .venv with a CPU build of torch where no NVIDIA GPU is present, and the package itself.
-# Usage: scripts/setup.sh [--test]
+# --test (and --aws) also build .venv-pcluster: the `pcluster` CLI in an environment of its own, because
+# aws-parallelcluster pins packaging~=25 while nilearn 0.14 needs packaging>=26 (docs/aws.md).
+# Usage: scripts/setup.sh [--test] [--aws]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
-[ "${1:-}" = "--test" ] && want_test=1
+want_pcluster=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 want_pcluster=1 ;;
+    --aws) want_pcluster=1 ;;
+    *) printf '[setup] unknown option %s; usage: scripts/setup.sh [--test] [--aws]\n' "$arg" >&2 && exit 2 ;;
+  esac
+done
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${HPCDIFF_TORCH_VERSION:-2.13.0}
@@ -32,6 +41,17 @@ if [ "${#need[@]}" -gt 0 ]; then
     say "then run this again."
     exit 1
   fi
+fi
+
+# --- ParallelCluster's own environment (hpcdiff checks cluster configs against its schema there) ---
+PCLUSTER_VENV=.venv-pcluster  # where hpcdiff looks for it (hpcdiff/launch/aws.py)
+PCLUSTER_SPEC=aws-parallelcluster==3.16.1
+if [ "$want_pcluster" = 1 ] && [ "$(cat "$PCLUSTER_VENV/.hpcdiff-setup" 2>/dev/null)" != "$PCLUSTER_SPEC" ]; then
+  say "installing $PCLUSTER_SPEC into $PCLUSTER_VENV"
+  [ -x "$PCLUSTER_VENV/bin/python" ] || "$PYTHON" -m venv "$PCLUSTER_VENV"
+  "$PCLUSTER_VENV/bin/python" -m pip install -q --upgrade pip
+  "$PCLUSTER_VENV/bin/python" -m pip install -q "$PCLUSTER_SPEC"
+  echo "$PCLUSTER_SPEC" >"$PCLUSTER_VENV/.hpcdiff-setup"
 fi
 
 # --- virtual environment ---------------------------------------------------------------------------

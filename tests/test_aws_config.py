@@ -1,14 +1,13 @@
 """The ParallelCluster config hpcdiff writes: loaded by ParallelCluster's own schema, bad options refused.
 
-No AWS account is used: the schema and the validators that need no AWS API run offline. The schema tests skip when
-the ``aws-parallelcluster`` package is absent (it pins ``packaging~=25`` while nilearn needs ``>=26``, so it lives in
-the ``aws`` extra, not ``test``; install it in its own venv with ``pip install -e '.[aws]'``), and fail instead when
-HPCDIFF_REQUIRE lists ``pcluster``.
+No AWS account is used: the schema and the validators that need no AWS API run offline. aws-parallelcluster pins
+``packaging~=25`` while nilearn needs ``>=26``, so it usually lives in its own venv (``.venv-pcluster``, made by
+``scripts/setup.sh --test``) and hpcdiff runs it there; the schema tests run whenever it is importable here or found
+there, skip otherwise, and fail instead when HPCDIFF_REQUIRE lists ``pcluster``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from hpcdiff.errors import ConfigError, UsageError
+from hpcdiff.launch import aws, pcluster_check
 from hpcdiff.launch.aws import (
     DATA_DIR,
     AwsClusterOptions,
@@ -47,10 +47,38 @@ OPTION_SETS = {
 }
 
 
+def pcluster_missing() -> str | None:
+    """None when validate_with_schema can reach ParallelCluster (here or in its own venv), else why not."""
+    if pcluster_check.available() is None:
+        return None
+    try:
+        aws.pcluster_python()
+    except UsageError as e:
+        return str(e)
+    return None
+
+
 @pytest.fixture()
 def pcluster() -> None:
-    ok = importlib.util.find_spec("pcluster") is not None
-    harness.require("pcluster", ok, "needs aws-parallelcluster in this venv: pip install -e '.[aws]'")
+    missing = pcluster_missing()
+    harness.require("pcluster", missing is None, f"{missing} (scripts/setup.sh --test builds .venv-pcluster)")
+
+
+@pytest.fixture()
+def pcluster_python(pcluster) -> str:
+    """The interpreter of ParallelCluster's own venv (request it before ``nothing_found``, which hides it)."""
+    if pcluster_check.available() is None:
+        pytest.skip("aws-parallelcluster is importable in this venv: the separate-interpreter path is not used")
+    return aws.pcluster_python()
+
+
+@pytest.fixture()
+def nothing_found(monkeypatch, tmp_path) -> None:
+    """No ParallelCluster anywhere: not importable, no HPCDIFF_PCLUSTER_PYTHON, no .venv-pcluster, none on PATH."""
+    monkeypatch.setitem(sys.modules, "pcluster.schemas.cluster_schema", None)  # makes the import fail
+    monkeypatch.delenv("HPCDIFF_PCLUSTER_PYTHON", raising=False)
+    monkeypatch.setattr(aws, "PCLUSTER_VENV", tmp_path / "no-venv")
+    monkeypatch.setenv("PATH", str(tmp_path))
 
 
 def options(**changes: object) -> AwsClusterOptions:
@@ -91,10 +119,61 @@ def test_offline_validators_refuse_bad_cluster_name(pcluster):
         validate_with_schema(render_cluster_config(options()), "9-starts-with-a-digit")
 
 
-def test_missing_parallelcluster_is_a_usage_error_with_the_fix(monkeypatch):
-    monkeypatch.setitem(sys.modules, "pcluster.schemas.cluster_schema", None)  # makes the import fail
-    with pytest.raises(UsageError, match=r"pip install -e '\.\[aws\]'"):
+def test_missing_parallelcluster_is_a_usage_error_with_the_fix(nothing_found):
+    with pytest.raises(UsageError, match=r"not found: .*scripts/setup.sh --aws.*pipx install aws-parallelcluster"):
         validate_with_schema(render_cluster_config(options()), "hpcdiff")
+
+
+# A pcluster console script as pip writes it: a plain #!, #!/usr/bin/env, or the /bin/sh trampoline pip uses when
+# the interpreter's path has spaces or is too long for #!.
+SHEBANGS = {
+    "plain": "#!{python}\n",
+    "env": "#!/usr/bin/env python\n",
+    "sh-trampoline": "#!/bin/sh\n'''exec' {quoted} \"$0\" \"$@\"\n' '''\n",
+}
+
+
+@pytest.mark.parametrize("style", sorted(SHEBANGS))
+def test_parallelcluster_is_found_behind_pcluster_on_path(pcluster_python, nothing_found, monkeypatch, tmp_path, style):
+    bin_dir = tmp_path / "pipx bin"
+    bin_dir.mkdir()
+    script = bin_dir / "pcluster"
+    script.write_text(SHEBANGS[style].format(python=pcluster_python, quoted=shlex.quote(pcluster_python)))
+    script.chmod(0o755)
+    # the venv's bin comes second, as a pipx venv's does: only `env` looks there
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.path.dirname(pcluster_python)]))
+    assert os.path.samefile(aws.pcluster_python(), pcluster_python)
+    config = render_cluster_config(options())
+    validate_with_schema(config, "hpcdiff")
+    config["HeadNode"]["InstanceTyp"] = "c6i.large"
+    with pytest.raises(ConfigError, match=r"HeadNode\.InstanceTyp"):
+        validate_with_schema(config, "hpcdiff")
+
+
+def test_hpcdiff_pcluster_python_is_used_first(pcluster_python, nothing_found, monkeypatch):
+    monkeypatch.setenv("HPCDIFF_PCLUSTER_PYTHON", pcluster_python)
+    assert aws.pcluster_python() == pcluster_python
+    with pytest.raises(ConfigError, match="cluster name"):
+        validate_with_schema(render_cluster_config(options()), "9-starts-with-a-digit")
+
+
+@pytest.mark.parametrize(
+    ("python", "fragment"),
+    [
+        ("/nonexistent/python", "HPCDIFF_PCLUSTER_PYTHON='/nonexistent/python' is not an executable"),
+        ("/bin/false", "failed (exit 1)"),
+        pytest.param(
+            sys.executable,
+            "cannot import aws-parallelcluster",
+            marks=pytest.mark.skipif(pcluster_check.available() is None, reason="this python has pcluster"),
+        ),
+    ],
+)
+def test_a_bad_pcluster_interpreter_is_a_usage_error(nothing_found, monkeypatch, python, fragment):
+    monkeypatch.setenv("HPCDIFF_PCLUSTER_PYTHON", python)
+    with pytest.raises(UsageError) as e:
+        validate_with_schema(render_cluster_config(options()), "hpcdiff")
+    assert fragment in str(e.value)
 
 
 def test_gpu_queues_are_spot_with_an_on_demand_twin():
@@ -199,7 +278,7 @@ def test_cli_init_writes_the_config_and_prints_the_commands(tmp_path):
         assert command in proc.stdout
     assert "--partition gpu,gpu-ondemand" in proc.stdout
     assert shlex.quote(str(out / "cluster.yaml")) in proc.stdout
-    if importlib.util.find_spec("pcluster") is not None:
+    if pcluster_missing() is None:
         assert "checked offline against ParallelCluster's schema" in proc.stdout
 
 

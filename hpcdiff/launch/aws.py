@@ -9,17 +9,19 @@ starts first. Storage is FSx for Lustre linked to the user's bucket, retained wh
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 import re
 import shlex
-from collections.abc import Iterator
+import shutil
+import subprocess
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hpcdiff.errors import ConfigError, UsageError
+from hpcdiff.launch import pcluster_check
 
 MOUNT_DIR = "/fsx"
 DATA_DIR = f"{MOUNT_DIR}/s3"  # the bucket appears here (imported and exported automatically)
@@ -238,111 +240,89 @@ def bootstrap_script() -> str:
     return resources.files("hpcdiff.launch").joinpath("aws_bootstrap.sh").read_text()
 
 
-@contextlib.contextmanager
-def _region_env(region: str) -> Iterator[None]:
-    """ParallelCluster's schema reads the region from the environment; set it only while it runs."""
-    saved = os.environ.get("AWS_DEFAULT_REGION")
-    os.environ["AWS_DEFAULT_REGION"] = region
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("AWS_DEFAULT_REGION", None)
-        else:
-            os.environ["AWS_DEFAULT_REGION"] = saved
+PCLUSTER_VENV = Path(__file__).resolve().parents[2] / ".venv-pcluster"
+"""Where ``scripts/setup.sh --aws`` (or ``--test``) puts ParallelCluster in a source checkout."""
+_CHECK_TIMEOUT_S = 600  # a safety net: importing pcluster takes seconds, never minutes
+_SEPARATE_VENV = (
+    "install it in an environment of its own: 'scripts/setup.sh --aws' (makes .venv-pcluster), or "
+    "'pipx install aws-parallelcluster==3.16.1' (puts pcluster on PATH), or set HPCDIFF_PCLUSTER_PYTHON to the "
+    "python of a venv where it is installed; not into hpcdiff's own venv (it pins packaging~=25, nilearn needs >=26)"
+)
 
 
 def validate_with_schema(config: dict[str, Any], cluster_name: str) -> None:
     """Load ``config`` into ParallelCluster's own schema and run its offline validators; no AWS call is made.
 
+    ParallelCluster is used in this process when importable, else through the interpreter of its own environment
+    (see :func:`pcluster_python`), with the same checks and the same messages.
+
     Raises:
-        UsageError: the ``aws-parallelcluster`` package is not installed.
+        UsageError: no ParallelCluster is found, or its interpreter fails.
         ConfigError: the schema or a validator refuses the config; the message lists every key and reason.
     """
+    if pcluster_check.available() is None:
+        errors = pcluster_check.check(config, cluster_name)
+    else:
+        errors = _check_in(pcluster_python(), config, cluster_name)
+    if errors:
+        raise ConfigError("ParallelCluster refuses the cluster config: " + "; ".join(errors))
+
+
+def pcluster_python() -> str:
+    """The interpreter that has aws-parallelcluster: ``$HPCDIFF_PCLUSTER_PYTHON``, else ``.venv-pcluster`` in the
+    source checkout, else the one behind a ``pcluster`` command on PATH.
+
+    Raises:
+        UsageError: none of them is there.
+    """
+    named = os.environ.get("HPCDIFF_PCLUSTER_PYTHON")
+    if named:
+        if not (os.path.isfile(named) and os.access(named, os.X_OK)):
+            raise UsageError(f"HPCDIFF_PCLUSTER_PYTHON={named!r} is not an executable file; point it at a python")
+        return named
+    venv_python = PCLUSTER_VENV / "bin" / "python"
+    if venv_python.is_file():
+        return str(venv_python)
+    command = shutil.which("pcluster")
+    python = _shebang_python(Path(command)) if command else None
+    if python is None:
+        raise UsageError(f"validating a cluster config needs AWS ParallelCluster, not found: {_SEPARATE_VENV}")
+    return python
+
+
+def _shebang_python(script: Path) -> str | None:
+    """The interpreter a pip-installed console script runs: its ``#!`` line, or the line after pip's ``#!/bin/sh``
+    trampoline (written when the path has spaces or is too long for ``#!``)."""
+    with script.open("rb") as f:
+        head = f.read(4096).decode(errors="replace").splitlines()
+    if not head or not head[0].startswith("#!"):
+        return None
+    argv = shlex.split(head[0][2:])
+    if argv == ["/bin/sh"] and len(head) > 1 and head[1].startswith("'''exec'"):
+        argv = shlex.split(head[1])[1:]
+    if argv and os.path.basename(argv[0]) == "env":
+        names = [a for a in argv[1:] if not a.startswith("-")]
+        argv = [shutil.which(names[0]) or names[0]] if names else []
+    return argv[0] if argv and os.path.isabs(argv[0]) else None
+
+
+def _check_in(python: str, config: dict[str, Any], cluster_name: str) -> list[str]:
+    """Run pcluster_check.py under ``python``: JSON in, JSON out, an argument list and no shell."""
+    request = json.dumps({"config": config, "cluster_name": cluster_name})
+    argv = [python, str(Path(pcluster_check.__file__).resolve())]
     try:
-        from marshmallow import ValidationError
-        from pcluster.schemas.cluster_schema import ClusterSchema
-    except ImportError as e:
-        raise UsageError(
-            "validating a cluster config needs AWS ParallelCluster: pip install -e '.[aws]' "
-            "(or pip install aws-parallelcluster)"
-        ) from e
-    region = config.get("Region") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    with _region_env(region):
-        try:
-            cluster = ClusterSchema(cluster_name=cluster_name).load(config)
-        except ValidationError as e:
-            raise ConfigError(f"ParallelCluster refuses the cluster config: {_flatten(e.messages)}") from e
-        failures = _offline_failures(cluster, cluster_name)
-    if failures:
-        raise ConfigError("ParallelCluster refuses the cluster config: " + "; ".join(failures))
-
-
-def _flatten(messages: Any, path: str = "") -> str:
-    """marshmallow's nested error dict as 'A.B[0].C: reason' items."""
-    if isinstance(messages, dict):
-        parts = []
-        for key, value in messages.items():
-            sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
-            parts.append(_flatten(value, sub))
-        return "; ".join(parts)
-    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
-        return f"{path or 'config'}: {' '.join(messages)}"
-    if isinstance(messages, list):
-        return "; ".join(_flatten(m, path) for m in messages)
-    return f"{path or 'config'}: {messages}"
-
-
-def _offline_failures(cluster: Any, cluster_name: str) -> list[str]:
-    """Run the ParallelCluster validators that need no AWS API (names, FSx sizes, Slurm settings)."""
-    from pcluster.config.cluster_config import SharedFsxLustre
-    from pcluster.validators.cluster_validators import ClusterNameValidator, NameValidator
-    from pcluster.validators.common import FailureLevel
-    from pcluster.validators.fsx_validators import (
-        FsxDraValidator,
-        FsxPersistentOptionsValidator,
-        FsxStorageCapacityValidator,
-    )
-    from pcluster.validators.slurm_settings_validator import (
-        SLURM_SETTINGS_DENY_LIST,
-        CustomSlurmSettingLevel,
-        CustomSlurmSettingsValidator,
-    )
-
-    results = ClusterNameValidator().execute(name=cluster_name, scheduling=cluster.scheduling)
-    for q in cluster.scheduling.queues:
-        results += NameValidator().execute(name=q.name)
-        for cr in q.compute_resources:
-            results += NameValidator().execute(name=cr.name)
-    for fs in cluster.shared_storage or []:
-        if not isinstance(fs, SharedFsxLustre):
-            continue
-        results += FsxStorageCapacityValidator().execute(
-            storage_capacity=fs.storage_capacity,
-            deployment_type=fs.deployment_type,
-            fsx_storage_type=fs.fsx_storage_type,
-            per_unit_storage_throughput=fs.per_unit_storage_throughput,
-            file_system_id=fs.file_system_id,
-            backup_id=fs.backup_id,
+        proc = subprocess.run(
+            argv, input=request, capture_output=True, text=True, timeout=_CHECK_TIMEOUT_S, check=False
         )
-        results += FsxPersistentOptionsValidator().execute(
-            deployment_type=fs.deployment_type,
-            kms_key_id=fs.kms_key_id,
-            per_unit_storage_throughput=fs.per_unit_storage_throughput,
-        )
-        results += FsxDraValidator().execute(
-            data_repository_associations=fs.data_repository_associations,
-            import_path=fs.import_path,
-            export_path=fs.export_path,
-        )
-    settings = cluster.scheduling.settings
-    if settings and settings.custom_slurm_settings:
-        results += CustomSlurmSettingsValidator().execute(
-            custom_settings=settings.custom_slurm_settings,
-            deny_list=SLURM_SETTINGS_DENY_LIST["SlurmConf"]["Global"],
-            settings_level=CustomSlurmSettingLevel.SLURM_CONF,
-        )
-    return [r.message for r in results if r.level == FailureLevel.ERROR]
+        answer = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+        raise UsageError(f"checking the cluster config with {python} failed: {e}") from e
+    if answer is None:
+        last = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+        raise UsageError(f"checking the cluster config with {python} failed (exit {proc.returncode}): {last[0]}")
+    if "missing" in answer:
+        raise UsageError(f"{answer['missing']}; {_SEPARATE_VENV}")
+    return answer["errors"]
 
 
 def cluster_commands(opts: AwsClusterOptions, cluster_name: str, out_dir: Path) -> list[tuple[str, list[str]]]:
