@@ -1,0 +1,236 @@
+"""hpcdiff jobs on the real local Slurm: preemption, on-demand signals, a vanished submitter, pipelines, refusals.
+
+Every training run is compared with an uninterrupted run of the same config on the same number of ranks: the
+final weights digest must be bitwise equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.datagen import blob_shards, job_yaml
+from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 40
+RANKS = 2
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("slurm jobs")
+    shards = blob_shards(root / "shards", num_subjects=10, per_shard=4)
+    return job_yaml(root / "job's.yaml", shards, train={"steps": STEPS, "checkpoint_every": 4, "keep_last": 2})
+
+
+@pytest.fixture(scope="module")
+def reference(job, tmp_path_factory) -> str:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    assert_ok(mpirun(RANKS, [*HPCDIFF, "train", job, "--run-dir", run, "--quiet"], timeout=300))
+    return _digest(run)
+
+
+def _digest(run: Path) -> str:
+    proc = hpcdiff("inspect", run, "--json")
+    assert_ok(proc)
+    report = json.loads(proc.stdout)
+    assert report["step"] == STEPS
+    return report["weights_sha256"]
+
+
+def _status(cluster, run: Path) -> dict:
+    proc = hpcdiff("status", run, "--json", env=cluster.env)
+    assert_ok(proc)
+    return json.loads(proc.stdout)
+
+
+def _submit(cluster, job: Path, run: Path, *extra: object) -> str:
+    proc = hpcdiff(
+        "submit", job, "--run-dir", run, "--backend", "slurm", "--ntasks-per-node", RANKS, *extra, env=cluster.env
+    )
+    assert_ok(proc)
+    return str(json.loads((run / "status.json").read_text())["job_ids"][-1])
+
+
+def _wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def _trained_steps(run: Path) -> int:
+    try:
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
+    except FileNotFoundError:
+        return 0
+    return rows[-1]["step"] if rows else 0
+
+
+def _wait_completed(cluster, run: Path, job_id: str, timeout: float = 300) -> None:
+    def done():
+        state = cluster.job_state(job_id)
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            out = "\n".join(p.read_text() for p in (run / "slurm").glob("*.out"))
+            pytest.fail(f"job {job_id} ended {state}:\n{cluster.show_job(job_id)}\n{out[-4000:]}")
+        return state == "COMPLETED"
+
+    _wait_until(done, timeout, f"job {job_id} to complete")
+
+
+def _stop_signals(run: Path) -> list[str]:
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    return [e["reason"] for e in events if e["event"] == "signal"]
+
+
+def test_preempted_by_high_partition_requeues_and_resumes_exactly(slurm_cluster, job, reference, tmp_path):
+    run = tmp_path / "pre empted 'run'"
+    low = _submit(slurm_cluster, job, run, "--partition", "low")
+    _wait_until(lambda: _trained_steps(run) >= 6, 180, "training to pass step 6")
+    cpus = slurm_cluster.run(["sinfo", "-h", "-o", "%c"]).stdout.split()[0]
+    high_script = tmp_path / "high.sh"
+    high_script.write_text("#!/bin/bash\nsleep 1\n")
+    # The node is full, so the high job can only start by preempting the training job.
+    high = slurm_cluster.sbatch(high_script, "-p", "high", "-n", "1", "-c", cpus, "-o", tmp_path / "high.out")
+
+    assert slurm_cluster.wait(high, timeout=180) == "COMPLETED"
+    _wait_completed(slurm_cluster, run, low)
+    assert _digest(run) == reference
+    assert int(slurm_cluster.job_field(low, "Restarts")) >= 1
+    assert _stop_signals(run)[0] in ("SIGUSR1", "SIGTERM")  # checkpointed on the warning, then requeued
+    status = _status(slurm_cluster, run)
+    assert status["state"] == "completed" and status["step"] == STEPS and status["restarts"] >= 1
+    assert status["job_ids"] == [low]
+
+
+def test_scancel_usr1_batch_checkpoints_requeues_and_finishes_exactly(slurm_cluster, job, reference, tmp_path):
+    run = tmp_path / "usr1 run"
+    job_id = _submit(slurm_cluster, job, run)
+    _wait_until(lambda: _trained_steps(run) >= 6, 180, "training to pass step 6")
+    proc = slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
+    assert proc.returncode == 0, proc.stderr
+
+    _wait_completed(slurm_cluster, run, job_id)
+    assert _digest(run) == reference
+    assert _stop_signals(run) == ["SIGUSR1"]
+    assert slurm_cluster.job_field(job_id, "Restarts") == "1"
+    out = (run / "slurm" / f"train-{job_id}.out").read_text()
+    assert "got SIGUSR1: passing it on to the step" in out and "step exited 75: requeueing" in out
+    stopped_at = next(json.loads(x)["step"] for x in (run / "events.jsonl").read_text().splitlines() if '"signal"' in x)
+    assert 6 <= stopped_at < STEPS  # it really stopped mid-run and resumed from there
+
+
+def test_job_outlives_the_killed_submitter_and_status_reports_it(slurm_cluster, job, reference, tmp_path):
+    run = tmp_path / "orphan run"
+    # The submitting "login session": submits, then would linger; it is killed as soon as the job id is recorded.
+    session = subprocess.Popen(
+        [*HPCDIFF, "submit", str(job), "--run-dir", str(run), "--backend", "slurm", "--ntasks-per-node", str(RANKS)],
+        env=child_env(slurm_cluster.env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_until(lambda: (run / "status.json").exists() and "job_ids" in (run / "status.json").read_text(), 60, "id")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session.pid, signal.SIGKILL)
+        session.wait(timeout=30)
+    job_id = str(json.loads((run / "status.json").read_text())["job_ids"][-1])
+
+    follow = hpcdiff("logs", run, "--follow", timeout=300, env=slurm_cluster.env)  # returns once the run ends
+    assert_ok(follow)
+    assert f"step {STEPS}/{STEPS}" in follow.stdout
+    _wait_completed(slurm_cluster, run, job_id)
+    assert _digest(run) == reference
+    text = hpcdiff("status", run, env=slurm_cluster.env)
+    assert_ok(text)
+    for expected in ("completed", f"{STEPS}/{STEPS}", f"job ids    {job_id}", f"step-{STEPS:09d}", "COMPLETED"):
+        assert expected in text.stdout, text.stdout
+
+
+def test_sbatch_refusal_shows_slurms_message_and_a_hint(slurm_cluster, job, tmp_path):
+    proc = hpcdiff(
+        "submit", job, "--run-dir", tmp_path / "r", "--backend", "slurm", "--partition", "nosuch", env=slurm_cluster.env
+    )
+    assert_ok(proc, 2)
+    assert "invalid partition" in proc.stderr.lower()  # Slurm's own words
+    assert "hint: check --partition" in proc.stderr
+
+
+def _pipeline_yaml(path: Path, root: Path, bids: Path, job: Path, strict: bool = False) -> Path:
+    path.write_text(
+        json.dumps(
+            {
+                "dir": str(root),
+                "slurm": {"max_restarts": 1},
+                "stages": {
+                    "ingest": {"bids": str(bids), "shape": [12, 12, 12], "subjects_per_shard": 4, "strict": strict},
+                    "train": {"config": str(job), "set": ["train.steps=8"], "slurm": {"ntasks_per_node": RANKS}},
+                    "stats": {"action": "template", "backend": "synchronous"},
+                },
+            }
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def bids(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pipeline bids") / "bids"
+    assert_ok(hpcdiff("cohort", "--out", out, "--subjects", 8, "--shape", 12, 12, 12, timeout=300))
+    return out
+
+
+def test_pipeline_runs_its_stages_in_order_to_the_end(slurm_cluster, job, bids, tmp_path):
+    root = tmp_path / "pipe line"
+    spec = _pipeline_yaml(tmp_path / "pipeline.yaml", root, bids, job)
+    assert_ok(hpcdiff("submit", spec, "--backend", "slurm", env=slurm_cluster.env))
+
+    def finished():
+        status = _status(slurm_cluster, root)
+        assert status["failed_stage"] is None, json.dumps(status, indent=1)
+        return status if all(s["state"] == "completed" for s in status["stages"]) else None
+
+    status = _wait_until(finished, 400, "every stage to complete", poll=1)
+    assert [s["name"] for s in status["stages"]] == ["ingest", "train", "stats"]
+    assert (root / "shards" / "manifest.json").exists()
+    assert json.loads((root / "run" / "status.json").read_text())["state"] == "completed"
+    assert (root / "stats" / "summary.json").exists()
+    # Each stage started only after the one before it ended.
+    events = [json.loads(x) for x in (root / "stages.jsonl").read_text().splitlines()]
+    order = [(e["stage"], e["event"]) for e in events]
+    assert order == [(s, k) for s in ("ingest", "train", "stats") for k in ("start", "exit")], order
+
+
+def test_a_failing_stage_cancels_the_stages_after_it(slurm_cluster, job, tmp_path):
+    bad_bids = tmp_path / "bids without participants"
+    bad_bids.mkdir()  # no participants.tsv: ingest exits 3 (bad input data)
+    root = tmp_path / "failing pipe"
+    spec = _pipeline_yaml(tmp_path / "pipeline.yaml", root, bad_bids, job)
+    assert_ok(hpcdiff("submit", spec, "--backend", "slurm", env=slurm_cluster.env))
+    record = json.loads((root / "pipeline.json").read_text())
+    train_id, stats_id = (s["job_id"] for s in record["stages"][1:])
+
+    for later in (train_id, stats_id):  # cancelled, not left pending forever
+        assert slurm_cluster.wait(later, {"CANCELLED"}, timeout=120) == "CANCELLED"
+    status = _status(slurm_cluster, root)
+    assert status["failed_stage"] == "ingest"
+    states = {s["name"]: s["state"] for s in status["stages"]}
+    assert states["ingest"] == "failed (exit 3)"
+    assert states["train"].startswith("cancelled") and states["stats"].startswith("cancelled")
+    text = hpcdiff("status", root, env=slurm_cluster.env).stdout
+    assert "failed stage: ingest" in text
+    assert not (root / "run").exists()
