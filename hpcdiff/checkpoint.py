@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from hpcdiff.atomic import atomic_write, file_sha256, fsync_dir
 from hpcdiff.errors import CheckpointError
-from hpcdiff.runstate import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ class CheckpointInfo:
             "reason": self.reason,
             "weights_sha256": self.weights_sha256,
         }
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _HashingWriter:
@@ -114,7 +106,7 @@ def verify(path: Path, deep: bool = True) -> CheckpointInfo:
     size = state.stat().st_size
     if size != meta.get("size"):
         return CheckpointInfo(path, step, False, f"{STATE} has {size} bytes, marker says {meta.get('size')}")
-    if deep and _sha256_file(state) != meta.get("sha256"):
+    if deep and file_sha256(state) != meta.get("sha256"):
         return CheckpointInfo(path, step, False, f"{STATE} checksum differs from the marker (corrupted)")
     return CheckpointInfo(path, step, True, "", meta.get("weights_sha256"))
 

@@ -11,8 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hpcdiff.atomic import file_sha256
 from hpcdiff.data.cohort import make_cohort
-from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet, file_sha256
+from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
 
 SHAPE = (24, 28, 24)

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage, special
 
-from hpcdiff.data.shards import atomic_path
+from hpcdiff.atomic import atomic_path
 from hpcdiff.errors import UsageError
 
 log = logging.getLogger(__name__)

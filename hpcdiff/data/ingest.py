@@ -30,17 +30,17 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 from hpcdiff import __version__
+from hpcdiff.atomic import file_sha256, write_text_atomic
+from hpcdiff.data.covariates import schema_of
 from hpcdiff.data.shards import (
     MANIFEST,
     QUARANTINE,
     ShardInfo,
-    file_sha256,
     shard_attrs,
     shard_name,
     verified_shard,
     write_manifest,
     write_shard,
-    write_text_atomic,
 )
 from hpcdiff.errors import DataError, UsageError
 
@@ -256,18 +256,9 @@ def _write_one(
 
 
 def covariate_schema(plan: Plan, subjects: Sequence[str]) -> dict[str, dict]:
-    """Continuous: min/max/mean/std over finite values; categorical: sorted levels; over ingested subjects."""
-    schema: dict[str, dict] = {}
-    for name, kind in plan.kinds.items():
-        values = [plan.covariates[s][name] for s in subjects]
-        if kind == "continuous":
-            v = np.asarray(values, dtype=np.float64)
-            v = v[np.isfinite(v)]
-            stats = (v.min(), v.max(), v.mean(), v.std()) if v.size else (math.nan,) * 4
-            schema[name] = {"kind": kind, **dict(zip(("min", "max", "mean", "std"), map(float, stats)))}
-        else:
-            schema[name] = {"kind": kind, "levels": sorted({str(x) for x in values})}
-    return schema
+    """The manifest's covariate schema over the ingested subjects (see ``covariates.schema_of``)."""
+    columns = {name: [plan.covariates[s][name] for s in subjects] for name in plan.kinds}
+    return schema_of(columns, plan.kinds)
 
 
 def _write_quarantine(out: Path, rows: list[tuple[str, str, str]]) -> None:

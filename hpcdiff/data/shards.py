@@ -8,12 +8,9 @@ each shard's sha256 so a later reader can check that nothing changed since.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,7 @@ import h5py
 import hdf5plugin  # registers the LZ4 filter with h5py: must come before any h5py file access
 import numpy as np
 
+from hpcdiff.atomic import atomic_path, file_sha256, write_text_atomic
 from hpcdiff.errors import ShardError
 
 FORMAT = "hpcdiff-shards"
@@ -48,49 +46,6 @@ class ShardInfo:
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.h5"
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks so memory stays flat for any size."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it, rename it over ``path``, fsync the directory.
-
-    On any failure the temporary file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shards are data others read
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 def _column(name: str, values: Sequence[Any]) -> np.ndarray:
@@ -277,6 +232,11 @@ class ShardSet:
         if verify:
             shards.verify()
         return shards
+
+    @property
+    def grid(self) -> dict[str, list]:
+        """Shape, spacing and affine of the volumes: what a writer of images on the same grid needs."""
+        return {k: self.manifest[k] for k in ("shape", "spacing", "affine")}
 
     def verify(self) -> None:
         """Check every shard file against the manifest's sha256 and subject count."""

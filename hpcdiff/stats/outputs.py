@@ -11,7 +11,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from hpcdiff.data.shards import atomic_path, write_text_atomic
+from hpcdiff.atomic import atomic_path, write_text_atomic
 from hpcdiff.stats.source import unflatten
 
 
