@@ -301,3 +301,41 @@ def _child_named(ppid: int, name: str) -> int | None:
             if comm == name and int(stat.rsplit(")", 1)[1].split()[1]) == ppid:
                 return int(child.name)
     return None
+
+
+def test_stops_with_75_before_a_known_slurm_time_limit(job, tmp_path):
+    run = tmp_path / "run"
+    # The job "ends" in 100 s and the margin is 1000 s: the first step boundary is already too late to go on.
+    end = str(int(time.time()) + 100)
+    proc = hpcdiff(
+        "train",
+        job,
+        "--run-dir",
+        run,
+        "--quiet",
+        "--set",
+        "train.stop_margin_s=1000",
+        env={"SLURM_JOB_ID": "4242", "SLURM_JOB_END_TIME": end},
+    )
+    assert proc.returncode == 75, proc.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and status["stop_reason"] == "time limit" and status["step"] == 1
+    assert status["job_ids"] == ["4242"]
+    assert json.loads(hpcdiff("inspect", run, "--json").stdout)["step"] == 1
+
+
+def test_wall_clock_interval_checkpoints_between_step_multiples(job, tmp_path):
+    run = tmp_path / "run"
+    sets = [
+        "--set",
+        "train.checkpoint_every=1000",
+        "--set",
+        "train.checkpoint_every_s=0.001",
+        "--set",
+        "train.steps=5",
+        "--set",
+        "train.keep_last=10",
+    ]
+    assert_ok(hpcdiff("train", job, "--run-dir", run, "--quiet", *sets))
+    steps = [c["step"] for c in json.loads(hpcdiff("inspect", run, "--json").stdout)["checkpoints"]]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
