@@ -538,6 +538,51 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="shards -> NIfTI (float32) in a BIDS-derivatives layout (resumable)")
+    p.add_argument("shards", help="shard directory (real or synthetic)")
+    p.add_argument("--out", required=True, help="derivatives folder to create (a rerun completes it)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from hpcdiff.data.export import export
+    from hpcdiff.dist import detect_topology
+
+    r = export(args.shards, args.out)
+    if detect_topology().is_main:
+        print(f"export: {r.num_images} images in {r.out} ({r.written} written here, {r.skipped} already there)")
+    return 0
+
+
+# ---------------------------------------------------------------- quality
+def _add_quality(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quality", help="synthetic vs held-out real: montage, mean/std maps, MMD beside a baseline")
+    p.add_argument("real", help="shards of real subjects held out of training")
+    p.add_argument("synth", help="shards written by 'hpcdiff sample'")
+    p.add_argument("--out", required=True, help="folder for montage.png, maps.png, maps and summary.json")
+    p.add_argument("--max-subjects", type=_positive, default=256, help="subjects read from each set (default 256)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_run_quality)
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    from hpcdiff.quality import quality
+
+    s = quality(args.real, args.synth, args.out, max_subjects=args.max_subjects)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        m = s["mmd"]
+        print(
+            f"quality: MMD^2 synthetic {m['mmd2_synthetic_vs_real']:.4g}, baseline {m['mmd2_baseline_vs_real']:.4g}, "
+            f"real half vs half {m['mmd2_real_half_vs_half']:.4g}; mean map r={s['maps']['corr_mean']:.3f}, "
+            f"std map r={s['maps']['corr_std']:.3f}; wrote {Path(args.out) / 'summary.json'}"
+        )
+    return 0
+
+
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_doctor,
     _add_demo,
@@ -551,6 +596,8 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_cluster,
     _add_stats,
     _add_sample,
+    _add_export,
+    _add_quality,
 )
 
 

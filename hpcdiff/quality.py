@@ -1,0 +1,233 @@
+"""Quality at a glance: does a synthetic cohort look like held-out real subjects?
+
+Three views, written to one folder: a montage of real and synthetic mid-slices; per-voxel mean and standard
+deviation maps of both with their correlations; and the maximum mean discrepancy (MMD) between the synthetic and
+the real subjects on downsampled volumes. An MMD alone means little, so two references sit beside it, computed the
+same way: a trivial baseline (the real mean image plus Gaussian noise of the real per-voxel standard deviation),
+which a useful model must beat, and two halves of the real subjects against each other, which is about as low as
+the number can go with this many subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from hpcdiff.data.shards import ShardSet
+from hpcdiff.errors import DataError
+
+log = logging.getLogger(__name__)
+
+MAX_DOWNSAMPLED = 16
+"""Each axis is average-pooled down to at most this many voxels before the MMD (kernels suffer in high dimension)."""
+
+
+def pairwise_sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances, shape (len(x), len(y)); x (n, d), y (m, d), float64."""
+    d = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * x @ y.T
+    return np.maximum(d, 0.0)
+
+
+def median_bandwidth(x: np.ndarray) -> float:
+    """Median heuristic: the median distance between distinct rows of ``x`` (n, d)."""
+    d = np.sqrt(pairwise_sq_dists(x, x)[np.triu_indices(len(x), k=1)])
+    bandwidth = float(np.median(d)) if d.size else 0.0
+    return bandwidth if bandwidth > 0 else 1.0
+
+
+def mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+    """Unbiased squared MMD with the Gaussian kernel exp(-|a-b|^2 / (2 bandwidth^2)) (Gretton et al. 2012, eq. 3).
+
+    Args:
+        x: samples, shape (n, d), n >= 2.
+        y: samples, shape (m, d), m >= 2.
+        bandwidth: kernel width, in the units of the rows.
+    """
+    n, m = len(x), len(y)
+    if n < 2 or m < 2:
+        raise ValueError(f"MMD needs at least 2 samples on each side, got {n} and {m}")
+    gamma = 1.0 / (2.0 * bandwidth**2)
+    kxx, kyy = np.exp(-gamma * pairwise_sq_dists(x, x)), np.exp(-gamma * pairwise_sq_dists(y, y))
+    kxy = np.exp(-gamma * pairwise_sq_dists(x, y))
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2.0 * kxy.mean()
+    )
+
+
+def downsample(volumes: np.ndarray, factor: int) -> np.ndarray:
+    """Average-pool (n, D, H, W) by ``factor`` on each axis (the edge remainder is cropped); returns (n, d) rows."""
+    n = volumes.shape[0]
+    dims = [max(s // factor, 1) for s in volumes.shape[1:]]
+    f = [min(factor, s) for s in volumes.shape[1:]]
+    v = volumes[:, : dims[0] * f[0], : dims[1] * f[1], : dims[2] * f[2]]
+    v = v.reshape(n, dims[0], f[0], dims[1], f[1], dims[2], f[2]).mean((2, 4, 6))
+    return v.reshape(n, -1).astype(np.float64)
+
+
+def pool_factor(shape: tuple[int, ...]) -> int:
+    return max(1, math.ceil(max(shape) / MAX_DOWNSAMPLED))
+
+
+def _evenly(n: int, limit: int) -> list[int]:
+    return sorted({int(i) for i in np.linspace(0, n - 1, min(n, limit))})
+
+
+def _load(shards: ShardSet, limit: int, slice_of: tuple[int, int] | None) -> np.ndarray:
+    """Up to ``limit`` subjects spread over the set, shape (n, D, H, W); a 2D cohort's axis is kept at size 1."""
+    x = shards.read_many(_evenly(shards.num_subjects, limit))[:, 0]
+    if slice_of is not None:
+        axis, index = slice_of
+        x = np.take(x, [index], axis=1 + axis)
+    return x
+
+
+def _corr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def quality(
+    real: str | Path, synth: str | Path, out: str | Path, max_subjects: int = 256, seed: int = 0
+) -> dict[str, Any]:
+    """Compare a synthetic shard set with real held-out subjects; write montage.png, maps.png, maps NIfTI and
+    summary.json to ``out`` and return the summary.
+
+    Args:
+        real: shards of real subjects not used in training (the training set itself is accepted with a warning).
+        synth: shards written by ``hpcdiff sample`` (or any shards on the same grid).
+        out: output folder.
+        max_subjects: at most this many subjects of each set are read (spread evenly over the set).
+        seed: seeds the baseline's noise.
+    """
+    from hpcdiff.data.export import nifti
+
+    out = Path(out)
+    r_set, s_set = ShardSet.open(real), ShardSet.open(synth)
+    slice_of = _slice_of(r_set, s_set, Path(real), Path(synth))
+    x_real = _load(r_set, max_subjects, slice_of)
+    x_synth = _load(s_set, max_subjects, None)
+    if len(x_real) < 4 or len(x_synth) < 2:
+        raise DataError(f"quality needs at least 4 real and 2 synthetic subjects, got {len(x_real)} and {len(x_synth)}")
+    affine = s_set.affine
+    training = Path(s_set.manifest.get("provenance", {}).get("training_shards", "")).resolve()
+    is_training = training == Path(real).resolve()
+    if is_training:
+        log.warning("quality: %s is the run's training set; the MMD then rewards memorising it", real)
+
+    mean_r, std_r = x_real.mean(0), x_real.std(0)
+    mean_s, std_s = x_synth.mean(0), x_synth.std(0)
+    rng = np.random.default_rng(seed)
+    baseline = mean_r + std_r * rng.standard_normal((len(x_synth), *mean_r.shape))
+
+    factor = pool_factor(x_real.shape[1:])
+    f_real, f_synth, f_base = (downsample(v, factor) for v in (x_real, x_synth, baseline))
+    bandwidth = median_bandwidth(f_real)
+    half = rng.permutation(len(f_real))
+    a, b = f_real[half[: len(half) // 2]], f_real[half[len(half) // 2 :]]
+    summary: dict[str, Any] = {
+        "real": str(Path(real).resolve()),
+        "synthetic": str(Path(synth).resolve()),
+        "num_real": len(x_real),
+        "num_synthetic": len(x_synth),
+        "real_is_training_set": is_training,
+        "mmd": {
+            "kernel": "gaussian, bandwidth = median distance between real subjects",
+            "downsample_factor": factor,
+            "downsampled_shape": [max(s // factor, 1) for s in x_real.shape[1:]],
+            "bandwidth": bandwidth,
+            "mmd2_synthetic_vs_real": mmd2(f_synth, f_real, bandwidth),
+            "mmd2_baseline_vs_real": mmd2(f_base, f_real, bandwidth),
+            "mmd2_real_half_vs_half": mmd2(a, b, bandwidth),
+            "baseline": "real per-voxel mean + Gaussian noise of the real per-voxel std",
+        },
+        "maps": {
+            "corr_mean": _corr(mean_s, mean_r),
+            "corr_std": _corr(std_s, std_r),
+            "mean_abs_diff_mean": float(np.abs(mean_s - mean_r).mean()),
+            "mean_abs_diff_std": float(np.abs(std_s - std_r).mean()),
+        },
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in (("mean_real", mean_r), ("mean_synth", mean_s), ("std_real", std_r), ("std_synth", std_s)):
+        nib.save(nifti(data, affine), out / f"{name}.nii.gz")
+    _montage(out / "montage.png", x_real, x_synth)
+    _maps(out / "maps.png", mean_r, mean_s, std_r, std_s, summary["maps"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    r_set.close()
+    s_set.close()
+    return summary
+
+
+def _slice_of(r_set: ShardSet, s_set: ShardSet, real: Path, synth: Path) -> tuple[int, int] | None:
+    """Check both sets share a grid; for a 2D model's cohort (one axis of size 1), the real slice to compare."""
+    rs, ss = r_set.shape, s_set.shape
+    if rs == ss:
+        if not np.allclose(r_set.affine, s_set.affine, atol=1e-4):
+            raise DataError(f"{real} and {synth} have the same shape but different affines: not the same grid")
+        return None
+    thin = [a for a in range(3) if ss[a] == 1 and rs[a] > 1]
+    if len(thin) == 1 and all(rs[a] == ss[a] for a in range(3) if a != thin[0]):
+        return thin[0], rs[thin[0]] // 2
+    raise DataError(
+        f"{real / 'manifest.json'} (shape {list(rs)}) and {synth / 'manifest.json'} (shape {list(ss)}) are on "
+        "different grids: sample from a run trained on shards of the real set's grid"
+    )
+
+
+def _mid(volume: np.ndarray) -> np.ndarray:
+    """The middle slice across the last axis (axial for RAS), or across a 2D cohort's thin axis; anterior up."""
+    thin = [a for a in range(3) if volume.shape[a] == 1]
+    axis = thin[0] if thin else 2
+    return np.take(volume, volume.shape[axis] // 2, axis=axis).T
+
+
+def _montage(path: Path, real: np.ndarray, synth: np.ndarray, columns: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = min(columns, len(real), len(synth))
+    vmax = float(np.percentile(real, 99.5)) or 1.0
+    fig, axes = plt.subplots(2, k, figsize=(1.6 * k, 3.6), squeeze=False)
+    for row, (name, data) in enumerate((("real", real), ("synthetic", synth))):
+        for col in range(k):
+            ax = axes[row, col]
+            ax.imshow(_mid(data[col]), cmap="gray", origin="lower", vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[row, 0].set_ylabel(name)
+    fig.suptitle("mid slices: real (top) and synthetic (bottom)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _maps(path: Path, mean_r, mean_s, std_r, std_s, numbers: dict[str, float]) -> None:  # noqa: ANN001
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(8, 5.5))
+    for row, (what, r, s) in enumerate((("mean", mean_r, mean_s), ("std", std_r, std_s))):
+        vmax = float(max(r.max(), s.max())) or 1.0
+        diff = s - r
+        lim = float(np.abs(diff).max()) or 1.0
+        panels = ((f"real {what}", r, "gray", 0, vmax), (f"synthetic {what}", s, "gray", 0, vmax))
+        panels += ((f"synthetic - real (r={numbers[f'corr_{what}']:.3f})", diff, "coolwarm", -lim, lim),)
+        for col, (title, data, cmap, lo, hi) in enumerate(panels):
+            ax = axes[row, col]
+            im = ax.imshow(_mid(data), cmap=cmap, origin="lower", vmin=lo, vmax=hi)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
