@@ -234,3 +234,25 @@ def test_a_failing_stage_cancels_the_stages_after_it(slurm_cluster, job, tmp_pat
     text = hpcdiff("status", root, env=slurm_cluster.env).stdout
     assert "failed stage: ingest" in text
     assert not (root / "run").exists()
+
+
+def test_python_api_submitit_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job, tmp_path, monkeypatch):
+    from hpcdiff.launch.submitit_api import submit_training
+
+    reference = tmp_path / "reference 1 rank"
+    assert_ok(hpcdiff("train", job, "--run-dir", reference, "--quiet", timeout=300))
+    for key, value in child_env(slurm_cluster.env).items():
+        monkeypatch.setenv(key, value)  # submitit runs sbatch and scontrol from this process
+    run_dir = tmp_path / "submitit 'run'"
+    run = submit_training(job, run_dir, timeout_min=30, cpus_per_task=1)
+    _wait_until(lambda: _trained_steps(run_dir) >= 6, 180, "training to pass step 6")
+    # submitit's preemption signal, sent to the job's processes as Slurm would.
+    proc = slurm_cluster.run(["scancel", "--signal=USR2", run.job_id])
+    assert proc.returncode == 0, proc.stderr
+
+    status = run.wait(timeout=300, poll_s=0.5)
+    assert status["state"] == "completed", status
+    assert run.result()["weights_sha256"] == _digest(reference)
+    assert _stop_signals(run_dir) == ["SIGUSR2"]
+    assert slurm_cluster.job_field(run.job_id, "Restarts") == "1"
+    assert status["job_ids"] == [run.job_id] and status["restarts"] == 1
