@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hpcdiff.atomic import atomic_write
 from hpcdiff.config import apply_overrides, build, check, load_yaml
 from hpcdiff.errors import UsageError
 from hpcdiff.launch.slurm import (
@@ -29,7 +30,6 @@ from hpcdiff.launch.slurm import (
     write_script,
 )
 from hpcdiff.launch.slurm_query import job_summary
-from hpcdiff.runstate import atomic_write
 
 ORDER = ("ingest", "train", "sample", "stats")
 STATE_FILE = "pipeline.json"
