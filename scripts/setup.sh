@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything hpcdiff needs, idempotently: system MPI (and, with --test, Slurm, munge, hdf5-tools),
+# Set up everything hpcdiff needs, idempotently: system MPI (and, with --test, Slurm, munge, hdf5-tools, nifti-bin),
 # a .venv with a CPU build of torch where no NVIDIA GPU is present, and the package itself.
 # --test (and --aws) also build .venv-pcluster: the `pcluster` CLI in an environment of its own, because
 # aws-parallelcluster pins packaging~=25 while nilearn 0.14 needs packaging>=26 (docs/aws.md).
@@ -29,6 +29,7 @@ if [ "$want_test" = 1 ]; then
   command -v sbatch >/dev/null || need+=(slurm-client)
   command -v munged >/dev/null || need+=(munge)
   command -v h5dump >/dev/null || need+=(hdf5-tools)
+  command -v nifti_tool >/dev/null || need+=(nifti-bin)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
