@@ -22,7 +22,7 @@ import pytest
 from nilearn.image import resample_to_img
 
 from hpcdiff.data.shards import ShardSet
-from tests.datagen import job_yaml
+from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require
 
 SHAPE = (16, 20, 16)
@@ -256,3 +256,18 @@ def test_quality_report_puts_the_mmd_beside_a_baseline(trained, reference, tmp_p
     for name in ("montage.png", "maps.png", "mean_real.nii.gz", "std_synth.nii.gz"):
         assert (out / name).stat().st_size > 0
     assert nib.load(str(out / "mean_synth.nii.gz")).shape == SHAPE
+
+
+def test_a_2d_model_writes_one_slice_thick_volumes_at_the_middle_slice(tmp_path):
+    shards = blob_shards(tmp_path / "blobs", num_subjects=8, per_shard=4)
+    job = job_yaml(tmp_path / "job.yaml", shards, data={"mode": "2d", "slice_axis": 2}, train={"steps": 4})
+    assert_ok(hpcdiff("train", job, "--run-dir", tmp_path / "run", "--quiet"))
+    out = tmp_path / "synth"
+    assert_ok(hpcdiff("sample", "--run-dir", tmp_path / "run", "--out", out, "--n", 3, "--steps", 2))
+    s, real = ShardSet.open(out), ShardSet.open(shards)
+    assert s.shape == (12, 12, 1) and s.manifest["provenance"]["slice_axis"] == 2
+    middle = real.affine @ np.array([0, 0, 6, 1.0])
+    np.testing.assert_allclose(s.affine @ np.array([0, 0, 0, 1.0]), middle)
+    quality = tmp_path / "quality"
+    assert_ok(hpcdiff("quality", shards, out, "--out", quality))
+    assert json.loads((quality / "summary.json").read_text())["mmd"]["downsampled_shape"] == [12, 12, 1]
