@@ -80,23 +80,45 @@ def _add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, default=None, metavar="MM", help="isotropic voxel size (mm)")
     p.add_argument("--subjects-per-shard", type=_shape, default=64, metavar="K", help="subjects per shard")
     p.add_argument("--strict", action="store_true", help="exit 3 if any input is quarantined")
+    _add_task_options(p)
     p.set_defaults(handler=_run_ingest)
 
 
+def _add_task_options(p: argparse.ArgumentParser) -> None:
+    """--task/--num-tasks of a data job spread over a Slurm array (see hpcdiff.data.slicing)."""
+    p.add_argument("--task", type=int, help="array task index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
+    p.add_argument("--num-tasks", type=_positive, help="array tasks (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+
+
 def _run_ingest(args: argparse.Namespace) -> int:
+    import os
+
     from hpcdiff.data.ingest import ingest
     from hpcdiff.data.shards import QUARANTINE
+    from hpcdiff.data.slicing import task_of
     from hpcdiff.dist import detect_topology
 
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
     r = ingest(
-        Path(args.bids_dir), Path(args.out), tuple(args.shape), args.spacing, args.subjects_per_shard, args.strict
+        Path(args.bids_dir),
+        Path(args.out),
+        tuple(args.shape),
+        args.spacing,
+        args.subjects_per_shard,
+        args.strict,
+        task=task,
+        num_tasks=num_tasks,
     )
-    if detect_topology().is_main:
+    if not detect_topology().is_main:
+        return 0
+    counts = f"{r.shards_written} written, {r.shards_skipped} already complete"
+    if r.manifest_written:
         print(
-            f"ingest: {r.num_subjects} subjects in {r.num_shards} shards in {r.out} "
-            f"({r.shards_written} written, {r.shards_skipped} already complete); "
+            f"ingest: {r.num_subjects} subjects in {r.num_shards} shards in {r.out} ({counts}); "
             f"{len(r.quarantined)} quarantined, listed in {r.out / QUARANTINE}"
         )
+    else:
+        print(f"ingest: task {task} of {num_tasks} in {r.out}: {counts}; other tasks' shards still missing")
     return 0
 
 
@@ -502,23 +524,19 @@ def _add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
     p.add_argument("--subjects-per-shard", type=_positive, default=64, metavar="K", help="subjects per shard")
     p.add_argument("--batch-size", type=_positive, default=8, help="subjects sampled together")
-    p.add_argument("--task", type=int, help="array task index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
-    p.add_argument("--num-tasks", type=_positive, help="array tasks (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
+    _add_task_options(p)
     p.set_defaults(handler=_run_sample)
 
 
 def _run_sample(args: argparse.Namespace) -> int:
     import os
 
-    from hpcdiff.data.slicing import Worker, array_task
+    from hpcdiff.data.slicing import Worker, task_of
     from hpcdiff.dist import detect_topology
     from hpcdiff.sample import SampleOptions, default_device, sample
 
-    env_task, env_tasks = array_task(os.environ)
-    task = env_task if args.task is None else args.task
-    num_tasks = (env_tasks if args.task is None else 1) if args.num_tasks is None else args.num_tasks
     topology = detect_topology()
-    worker = Worker(task, num_tasks, topology.rank, topology.world_size)
+    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
     opts = SampleOptions(
         n=args.n,
         covariates=Path(args.covariates) if args.covariates else None,

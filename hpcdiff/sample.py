@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
@@ -31,6 +30,8 @@ from hpcdiff.data.shards import (
     ShardInfo,
     ShardSet,
     file_sha256,
+    looks_done,
+    remove_stale_tmp,
     shard_name,
     verified_shard,
     write_manifest,
@@ -200,21 +201,6 @@ def _plan_digest(gen: _Generator, opts: SampleOptions, sampler: str, columns: di
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _looks_done(path: Path, digest: str) -> bool:
-    """Cheap check (attributes only) that a shard is complete and made from this plan."""
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete", False)) and f.attrs.get("plan_sha256") == digest
-    except OSError:
-        return False
-
-
-def _remove_stale_tmp(path: Path) -> None:
-    """Temporary files a killed writer of this shard left behind (only this worker writes this shard)."""
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def sample(
     run_dir: str | Path,
     out: str | Path,
@@ -267,8 +253,8 @@ def sample(
     mine = worker.shards(len(shard_rows))
     for index in mine:
         path, rows = out / shard_name(index), shard_rows[index]
-        _remove_stale_tmp(path)
-        if _looks_done(path, digests[index]) and verified_shard(path, expected=len(rows)) is not None:
+        remove_stale_tmp(path)
+        if looks_done(path, digests[index]) and verified_shard(path, expected=len(rows)) is not None:
             skipped += 1
             continue
         t0 = time.perf_counter()
@@ -318,7 +304,7 @@ def _finish(
 ) -> bool:
     """Write the manifest if every shard is done; False when some other worker's shards are still missing."""
     paths = [out / shard_name(i) for i in range(len(shard_rows))]
-    if not all(_looks_done(p, d) for p, d in zip(paths, digests)):
+    if not all(looks_done(p, d) for p, d in zip(paths, digests)):
         return False
     infos: list[ShardInfo] = []
     for path, rows in zip(paths, shard_rows):

@@ -13,7 +13,8 @@ import pytest
 
 from hpcdiff.atomic import file_sha256
 from hpcdiff.data.cohort import make_cohort
-from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet
+from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet, shard_name
+from hpcdiff.data.slicing import task_of
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
 
 SHAPE = (24, 28, 24)
@@ -169,6 +170,41 @@ def test_quarantine_is_the_same_at_two_ranks(bad_bids, tmp_path):
     assert_ok(_ingest(bad_bids, tmp_path / "one"))
     assert_ok(mpirun(2, [*HPCDIFF, "ingest", bad_bids, "--out", tmp_path / "two", *ARGS], timeout=300))
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+def test_two_array_tasks_give_the_shards_quarantine_and_manifest_of_one_process(bad_bids, tmp_path):
+    assert_ok(_ingest(bad_bids, tmp_path / "one"))
+    num_shards = len(json.loads((tmp_path / "one" / MANIFEST).read_text())["shards"])
+    assert num_shards >= 4
+    out = tmp_path / "tasks"
+    first = _ingest(bad_bids, out, "--task", 0, "--num-tasks", 2)
+    assert_ok(first)
+    assert "task 0 of 2" in first.stdout and "other tasks' shards still missing" in first.stdout
+    assert sorted(p.name for p in out.glob("shard-*.h5")) == [shard_name(i) for i in range(0, num_shards, 2)]
+    assert not (out / MANIFEST).exists() and not (out / QUARANTINE).exists()
+    # The second task takes its place from a Slurm array's variables (IDs need not start at 0) and finishes the job.
+    array = {"SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "7", "SLURM_ARRAY_TASK_COUNT": "2"}
+    second = hpcdiff("ingest", bad_bids, "--out", out, *ARGS, timeout=300, env=array)
+    assert_ok(second)
+    assert "9 quarantined" in second.stdout and f"in {num_shards} shards" in second.stdout
+    assert _digest(out) == _digest(tmp_path / "one")
+    # Both at once: each may find the other's shards done and write the same quarantine.tsv and manifest.
+    racing = tmp_path / "racing"
+    cmds = [[*HPCDIFF, "ingest", bad_bids, "--out", racing, *ARGS, "--task", t, "--num-tasks", 2] for t in (0, 1)]
+    procs = [subprocess.Popen(list(map(str, c)), env=child_env(), stdout=subprocess.PIPE, text=True) for c in cmds]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert any("quarantined" in p.stdout.read() for p in procs)
+    assert _digest(racing) == _digest(tmp_path / "one")
+
+
+def test_task_options_default_to_the_slurm_array():
+    assert task_of(None, None, {}) == (0, 1)
+    array = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert task_of(None, None, array) == (1, 3)
+    assert task_of(2, 4, array) == (2, 4) and task_of(2, None, array) == (2, 1) and task_of(None, 5, array) == (1, 5)
+    proc = hpcdiff("ingest", "/nowhere", "--out", "/nowhere", "--task", 2, "--num-tasks", 2)
+    assert_ok(proc, 2)
+    assert "--task 2 is outside 0..1" in proc.stderr
 
 
 def test_strict_makes_any_quarantine_an_error(bad_bids, cohort, tmp_path):

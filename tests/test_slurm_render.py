@@ -50,6 +50,7 @@ EXAMPLES: dict[str, JobScript] = {
         kind="ingest",
         command=hpcdiff_argv("ingest", "/project/me/bids", "--out", DATA / "shards", python=PY),
         options=SlurmOptions(partition="cpu", time="02:00:00", ntasks_per_node=4, cpus_per_task=2),
+        array=4,
     ),
     "stats": JobScript(
         kind="stats",

@@ -1,11 +1,15 @@
 """BIDS/NIfTI T1w images -> conformed, normalised volumes in HDF5 shards; sliced across ranks and resumable.
 
-The plan is decided once, on rank 0, before any volume is read: every T1w image with its participants.tsv row,
-minus those that cannot be placed (no row, a duplicate id), sorted, cut into shards of K subjects. Rank r writes
-shards r, r+W, ...; a shard's content depends only on its planned inputs, so the result is byte-identical at any
-number of ranks. A shard already complete, verified and made from the same plan is skipped, so a rerun after a
-kill finishes the job. Inputs that fail to load (truncated, NaN/Inf, not 3D, empty) are recorded in the shard
-itself, so quarantine.tsv comes out the same on a rerun that skips that shard.
+The plan is decided before any volume is read: every T1w image with its participants.tsv row, minus those that
+cannot be placed (no row, a duplicate id), sorted, cut into shards of K subjects. It is a function of the inputs
+alone, so every array task computes the same plan (on its rank 0, broadcast to its ranks). Worker
+``task * W + rank`` of ``T * W`` writes shards ``worker, worker + T*W, ...`` (hpcdiff.data.slicing); a shard's
+content depends only on its planned inputs, so the result is byte-identical at any number of ranks and tasks. A
+shard already complete, verified and made from the same plan is skipped, so a rerun after a kill finishes the job.
+Inputs that fail to load (truncated, NaN/Inf, not 3D, empty) are recorded in the shard itself, so quarantine.tsv
+comes out the same on a rerun that skips that shard. quarantine.tsv and manifest.json are written (atomically) by
+whichever task finds every shard done after finishing its own; their content is a function of the plan and the
+shards, so two tasks racing to write them write the same bytes.
 
 Conforming: reorient to RAS (nibabel's closest canonical), resample with trilinear interpolation onto an isotropic
 grid of ``spacing`` mm and ``shape`` voxels centred on the centre of the input's field of view. Normalising: the
@@ -36,12 +40,15 @@ from hpcdiff.data.shards import (
     MANIFEST,
     QUARANTINE,
     ShardInfo,
+    looks_done,
+    remove_stale_tmp,
     shard_attrs,
     shard_name,
     verified_shard,
     write_manifest,
     write_shard,
 )
+from hpcdiff.data.slicing import Worker
 from hpcdiff.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ class Candidate:
 
 @dataclass
 class Plan:
-    """What rank 0 decided before anything was read; broadcast to every rank."""
+    """What was decided before anything was read: the same in every task, broadcast to every rank of one."""
 
     shards: list[list[Candidate]]
     quarantine: list[tuple[str, str, str]]  # (source_path, subject, reason)
@@ -78,12 +85,15 @@ class Plan:
 
 @dataclass
 class IngestResult:
+    """What one task did; the totals (subjects, quarantine) are known to the task that wrote the manifest."""
+
     out: Path
-    num_subjects: int
+    num_subjects: int  # in every shard when the manifest was written, else in this task's shards
     num_shards: int
     shards_written: int
     shards_skipped: int
-    quarantined: list[tuple[str, str, str]]
+    quarantined: list[tuple[str, str, str]]  # all inputs when the manifest was written, else this task's
+    manifest_written: bool = True
 
 
 def default_spacing(shape: Sequence[int]) -> float:
@@ -230,11 +240,10 @@ def _write_one(
     """Write (or keep) shard ``index``; returns its info, its quarantined inputs, and whether it was skipped."""
     path = out / shard_name(index)
     digest = _plan_digest(cands, shape, spacing)
-    info = verified_shard(path)
-    if info is not None:
-        attrs = shard_attrs(path)
-        if attrs.get("plan_sha256") == digest:
-            return info, [tuple(q) for q in json.loads(attrs["quarantine"])], True
+    remove_stale_tmp(path)
+    done = _done_shard(path, digest)
+    if done is not None:
+        return (*done, True)
     images, kept, quarantine = [], [], []
     for c in cands:
         try:
@@ -255,6 +264,16 @@ def _write_one(
     return write_shard(path, stack, table, attrs=attrs), quarantine, False
 
 
+def _done_shard(path: Path, digest: str) -> tuple[ShardInfo, list[tuple[str, str, str]]] | None:
+    """The info and quarantined inputs of a shard complete, verified and made from this plan; else None."""
+    if not looks_done(path, digest):
+        return None
+    info = verified_shard(path)
+    if info is None:
+        return None
+    return info, [tuple(q) for q in json.loads(shard_attrs(path)["quarantine"])]  # type: ignore[misc]
+
+
 def covariate_schema(plan: Plan, subjects: Sequence[str]) -> dict[str, dict]:
     """The manifest's covariate schema over the ingested subjects (see ``covariates.schema_of``)."""
     columns = {name: [plan.covariates[s][name] for s in subjects] for name in plan.kinds}
@@ -267,15 +286,13 @@ def _write_quarantine(out: Path, rows: list[tuple[str, str, str]]) -> None:
     write_text_atomic(out / QUARANTINE, "\n".join(lines) + "\n")
 
 
-def _clean_stale(out: Path, num_shards: int) -> None:
-    """Remove temporary files of killed writers and shards beyond the plan (rank 0, before others start)."""
-    for tmp in out.glob(".shard-*.tmp"):
-        tmp.unlink(missing_ok=True)
+def _remove_unplanned(out: Path, num_shards: int) -> None:
+    """Shards beyond the plan (left by an ingest with other inputs or settings) would pass for part of it."""
     for shard in out.glob("shard-*.h5"):
         m = re.fullmatch(r"shard-(\d+)\.h5", shard.name)
         if m and int(m.group(1)) >= num_shards:
             log.warning("ingest: removing %s, which is not part of this plan", shard)
-            shard.unlink()
+            shard.unlink(missing_ok=True)  # another task may remove it first
 
 
 def ingest(
@@ -285,8 +302,11 @@ def ingest(
     spacing: float | None = None,
     subjects_per_shard: int = 64,
     strict: bool = False,
+    *,
+    task: int = 0,
+    num_tasks: int = 1,
 ) -> IngestResult:
-    """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across this launcher's ranks.
+    """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across array tasks and ranks.
 
     Args:
         bids_root: BIDS root with participants.tsv and sub-*/[ses-*/]anat/*_T1w.nii[.gz].
@@ -295,6 +315,8 @@ def ingest(
         spacing: isotropic voxel size in mm; default: the smallest that spans the MNI152 field of view.
         subjects_per_shard: K, planned subjects per shard (a shard holds fewer when inputs fail to load).
         strict: any quarantined input makes the job fail with DataError (exit 3), without a manifest.
+        task: this process's array task, 0..num_tasks-1 (its ranks come from the launcher).
+        num_tasks: array tasks sharing the shards.
     """
     from hpcdiff import dist
 
@@ -305,70 +327,123 @@ def ingest(
         raise UsageError(f"--subjects-per-shard must be positive, got {subjects_per_shard}")
     if spacing is not None and spacing <= 0:
         raise UsageError(f"--spacing must be positive, got {spacing}")
+    Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
     if not bids_root.is_dir():
         raise DataError(f"{bids_root} is not a directory: give the root of a BIDS dataset")
     spacing = float(spacing) if spacing is not None else default_spacing(shape)
     ctx = dist.init(device="cpu")
     try:
+        worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
         plan = None
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             plan = make_plan(bids_root, subjects_per_shard)
-            _clean_stale(out, len(plan.shards))
-            (out / MANIFEST).unlink(missing_ok=True)  # rewritten at the end; until then the directory is partial
+            _remove_unplanned(out, len(plan.shards))
             log.info(
-                "ingest: %d images in %d shards of up to %d, %d quarantined before reading, %d rank(s)",
+                "ingest: %d images in %d shards of up to %d, %d quarantined before reading; task %d of %d, %d rank(s)",
                 sum(map(len, plan.shards)),
                 len(plan.shards),
                 subjects_per_shard,
                 len(plan.quarantine),
+                task,
+                num_tasks,
                 ctx.world_size,
             )
         plan = ctx.broadcast_object(plan)
         if strict and plan.quarantine:
+            (out / MANIFEST).unlink(missing_ok=True)
             raise DataError(_strict_message(bids_root, plan.quarantine))
-        results = []
-        mine = range(ctx.rank, len(plan.shards), ctx.world_size)
+        digests = [_plan_digest(cands, shape, spacing) for cands in plan.shards]
+        mine = worker.shards(len(plan.shards))
+        if not all(looks_done(out / shard_name(i), digests[i]) for i in mine):
+            (out / MANIFEST).unlink(missing_ok=True)  # until every shard is done again, the directory is partial
+        results = {}
         for done, index in enumerate(mine, 1):
-            results.append((index, *_write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing)))
+            results[index] = _write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing)
             if ctx.is_main:
                 log.info("ingest: rank 0 finished %d/%d of its shards", done, len(mine))
-        gathered = sorted(r for part in ctx.all_gather_object(results) for r in part)
-        infos = [info for _, info, _, _ in gathered]
-        quarantine = sorted(plan.quarantine + [q for _, _, qs, _ in gathered for q in qs])
-        skipped = sum(1 for *_, s in gathered if s)
+        ours = {i: r for part in ctx.all_gather_object(results) for i, r in part.items()}
+        finished = None
         if ctx.is_main:
-            _write_quarantine(out, quarantine)
+            known = {i: (info, qs) for i, (info, qs, _) in ours.items()}
+            finished = _finish(bids_root, out, plan, digests, known, shape, spacing, subjects_per_shard, strict)
+        finished = ctx.broadcast_object(finished)
+        skipped = sum(1 for *_, s in ours.values() if s)
+        if finished is None:  # other tasks' shards still missing
+            infos = [info for info, _, _ in ours.values()]
+            quarantine = sorted(q for _, qs, _ in ours.values() for q in qs)
+        else:
+            infos, quarantine = finished
         if strict and quarantine:
             raise DataError(_strict_message(bids_root, quarantine))
-        if ctx.is_main:
-            rejected = {q[0] for q in quarantine}
-            ingested = [c for shard in plan.shards for c in shard if c.source_path not in rejected]
-            # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
-            # (exact when inputs share a field of view, as one protocol or one template space does).
-            centre = fov_centre(nib.load(bids_root / ingested[0].source_path)) if ingested else np.zeros(3)
-            write_manifest(
-                out,
-                shape=shape,
-                spacing=(spacing,) * 3,
-                affine=target_affine(spacing, shape, centre),
-                covariates=covariate_schema(plan, [c.subject for c in ingested]),
-                shards=infos,
-                provenance={
-                    "tool": "hpcdiff ingest",
-                    "version": __version__,
-                    "bids_root": str(bids_root),
-                    "subjects_per_shard": subjects_per_shard,
-                    "resampling": RESAMPLING,
-                    "normalisation": NORMALISATION,
-                },
-            )
         ctx.barrier()
         return IngestResult(
-            out, sum(i.num_subjects for i in infos), len(infos), len(infos) - skipped, skipped, quarantine
+            out,
+            sum(i.num_subjects for i in infos),
+            len(plan.shards),
+            len(ours) - skipped,
+            skipped,
+            quarantine,
+            manifest_written=finished is not None,
         )
     finally:
         ctx.close()
+
+
+def _finish(
+    bids_root: Path,
+    out: Path,
+    plan: Plan,
+    digests: list[str],
+    known: dict[int, tuple[ShardInfo, list[tuple[str, str, str]]]],
+    shape: Sequence[int],
+    spacing: float,
+    subjects_per_shard: int,
+    strict: bool,
+) -> tuple[list[ShardInfo], list[tuple[str, str, str]]] | None:
+    """If every shard is done, write quarantine.tsv and (unless strict refuses) the manifest; None otherwise.
+
+    ``known`` holds the shards this task has just written or verified; the others' are verified here.
+    """
+    paths = [out / shard_name(i) for i in range(len(plan.shards))]
+    if not all(looks_done(p, d) for p, d in zip(paths, digests)):
+        return None
+    infos: list[ShardInfo] = []
+    quarantine = list(plan.quarantine)
+    for index, path in enumerate(paths):
+        done = known.get(index) or _done_shard(path, digests[index])
+        if done is None:
+            return None
+        infos.append(done[0])
+        quarantine += done[1]
+    quarantine.sort()
+    _write_quarantine(out, quarantine)
+    if strict and quarantine:
+        (out / MANIFEST).unlink(missing_ok=True)  # one from an earlier run without --strict
+        return infos, quarantine
+    rejected = {q[0] for q in quarantine}
+    ingested = [c for shard in plan.shards for c in shard if c.source_path not in rejected]
+    # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
+    # (exact when inputs share a field of view, as one protocol or one template space does).
+    centre = fov_centre(nib.load(bids_root / ingested[0].source_path)) if ingested else np.zeros(3)
+    write_manifest(
+        out,
+        shape=shape,
+        spacing=(spacing,) * 3,
+        affine=target_affine(spacing, shape, centre),
+        covariates=covariate_schema(plan, [c.subject for c in ingested]),
+        shards=infos,
+        provenance={
+            "tool": "hpcdiff ingest",
+            "version": __version__,
+            "bids_root": str(bids_root),
+            "subjects_per_shard": subjects_per_shard,
+            "resampling": RESAMPLING,
+            "normalisation": NORMALISATION,
+        },
+    )
+    log.info("ingest: all %d shards done; wrote %s", len(paths), out / MANIFEST)
+    return infos, quarantine
 
 
 def _strict_message(root: Path, quarantine: list[tuple[str, str, str]]) -> str:

@@ -58,3 +58,15 @@ def array_task(env: Mapping[str, str]) -> tuple[int, int]:
     except ValueError as e:
         raise UsageError(f"unreadable Slurm array variables ({e}); pass --task and --num-tasks") from e
     return task, count
+
+
+def task_of(task: int | None, num_tasks: int | None, env: Mapping[str, str]) -> tuple[int, int]:
+    """(task, num_tasks) of a data job from ``--task``/``--num-tasks``, else from the Slurm array around it.
+
+    ``--task`` alone (a hand-run slice) means one task unless ``--num-tasks`` says otherwise; with neither given, a
+    Slurm array task reads both from its environment (see ``array_task``) and anything else is task 0 of 1.
+    """
+    env_task, env_tasks = array_task(env)
+    if task is None:
+        return env_task, env_tasks if num_tasks is None else num_tasks
+    return task, 1 if num_tasks is None else num_tasks

@@ -48,11 +48,14 @@ class IngestStage:
     """Subjects per shard."""
     strict: bool = False
     """Fail the stage (and so the pipeline) if any input is quarantined."""
+    tasks: int = 1
+    """Array tasks sharing the work."""
     slurm: dict[str, Any] = field(default_factory=dict)
     """Slurm options of this stage (override the pipeline's)."""
 
     def __post_init__(self) -> None:
         check(len(self.shape) == 3 and min(self.shape) > 0, "stages.ingest.shape", "needs three positive sizes")
+        check(self.tasks >= 1, "stages.ingest.tasks", "must be at least 1")
 
 
 @dataclass(kw_only=True)
@@ -180,7 +183,8 @@ def jobs(pipe: Pipeline) -> list[tuple[str, JobScript]]:
         cmd = hpcdiff_argv("ingest", Path(s.ingest.bids).absolute(), "--out", root / "shards", "--shape")
         cmd += [str(v) for v in s.ingest.shape] + ["--subjects-per-shard", str(s.ingest.subjects_per_shard)]
         cmd += ["--strict"] if s.ingest.strict else []
-        out.append(("ingest", JobScript(kind="ingest", command=cmd, options=options(pipe, "ingest"))))
+        array = s.ingest.tasks if s.ingest.tasks > 1 else None
+        out.append(("ingest", JobScript(kind="ingest", command=cmd, options=options(pipe, "ingest"), array=array)))
     if s.train:
         out.append(("train", train_job(Path(s.train.config), root / "run", options(pipe, "train"), _train_sets(pipe))))
     if s.sample:

@@ -42,9 +42,11 @@ _ABOUT: dict[Kind, str] = {
 # output shards; ranks inside a task split it further (worker = task x ranks + rank). A shard already complete
 # and verified is skipped, so a rerun task (requeued, or resubmitted with --array=I) only redoes what is missing.""",
     "ingest": """\
-# Ingest: srun starts N ranks (nodes x ntasks-per-node) that share the shards (rank r conforms shards r, r+N, ...);
-# rank 0 writes manifest.json once all are done. A shard already complete and verified is skipped, so a requeued
-# or resubmitted job only redoes what is missing.""",
+# Ingest as a job array: every task plans the same shards from the inputs; task I of T (SLURM_ARRAY_TASK_ID,
+# SLURM_ARRAY_TASK_COUNT) conforms its own slice, and srun's ranks inside a task split it further (worker =
+# task x ranks + rank). The task that finds every shard done writes quarantine.tsv and manifest.json. A shard
+# already complete and verified is skipped, so a rerun task (requeued, or resubmitted with --array=I) only redoes
+# what is missing.""",
     "stats": """\
 # Statistics: one job whose dask workers are processes on this node (--backend local --workers N, N = CPUs).
 # For more than one node, run the same command on a login node with --backend slurm --workers N instead: dask-jobqueue
