@@ -1,12 +1,14 @@
-"""hpcdiff jobs on the real local Slurm: preemption, on-demand signals, a vanished submitter, pipelines, refusals.
+"""hpcdiff jobs on the real local Slurm: preemption, on-demand signals, a vanished submitter, pipelines, refusals,
+a sampling job array with one task killed.
 
 Every training run is compared with an uninterrupted run of the same config on the same number of ranks: the
-final weights digest must be bitwise equal.
+final weights digest must be bitwise equal. The sampling array is compared with one undisturbed process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -16,12 +18,15 @@ from pathlib import Path
 
 import pytest
 
+from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
+from tests.slurm_harness import FINAL_STATES
 
 pytestmark = pytest.mark.slurm
 
-STEPS = 40
+# Enough steps that a signal sent once step 6 is logged lands well before the end (the stop is asserted mid-run).
+STEPS = 24
 RANKS = 2
 
 
@@ -29,14 +34,22 @@ RANKS = 2
 def job(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("slurm jobs")
     shards = blob_shards(root / "shards", num_subjects=10, per_shard=4)
-    return job_yaml(root / "job's.yaml", shards, train={"steps": STEPS, "checkpoint_every": 4, "keep_last": 2})
+    return job_yaml(
+        root / "job's.yaml", shards, train={"steps": STEPS, "checkpoint_every": 4, "log_every": 2, "keep_last": 2}
+    )
 
 
 @pytest.fixture(scope="module")
-def reference(job, tmp_path_factory) -> str:
+def reference_run(job, tmp_path_factory) -> Path:
+    """The uninterrupted run every Slurm training run is compared with; also the model the sampling array uses."""
     run = tmp_path_factory.mktemp("reference") / "run"
     assert_ok(mpirun(RANKS, [*HPCDIFF, "train", job, "--run-dir", run, "--quiet"], timeout=300))
-    return _digest(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> str:
+    return _digest(reference_run)
 
 
 def _digest(run: Path) -> str:
@@ -177,7 +190,13 @@ def _pipeline_yaml(path: Path, root: Path, bids: Path, job: Path, strict: bool =
                 "dir": str(root),
                 "slurm": {"max_restarts": 1},
                 "stages": {
-                    "ingest": {"bids": str(bids), "shape": [12, 12, 12], "subjects_per_shard": 4, "strict": strict},
+                    "ingest": {
+                        "bids": str(bids),
+                        "shape": [12, 12, 12],
+                        "subjects_per_shard": 2,
+                        "strict": strict,
+                        "tasks": 2,  # a job array
+                    },
                     "train": {"config": str(job), "set": ["train.steps=8"], "slurm": {"ntasks_per_node": RANKS}},
                     "stats": {"action": "template", "backend": "synchronous"},
                 },
@@ -209,10 +228,16 @@ def test_pipeline_runs_its_stages_in_order_to_the_end(slurm_cluster, job, bids, 
     assert (root / "shards" / "manifest.json").exists()
     assert json.loads((root / "run" / "status.json").read_text())["state"] == "completed"
     assert (root / "stats" / "summary.json").exists()
-    # Each stage started only after the one before it ended.
+    # Each stage started only after the one before it ended (both tasks of the ingest array).
     events = [json.loads(x) for x in (root / "stages.jsonl").read_text().splitlines()]
     order = [(e["stage"], e["event"]) for e in events]
-    assert order == [(s, k) for s in ("ingest", "train", "stats") for k in ("start", "exit")], order
+    assert sorted(order[:4]) == [("ingest", "exit")] * 2 + [("ingest", "start")] * 2, order
+    assert order[4:] == [(s, k) for s in ("train", "stats") for k in ("start", "exit")], order
+    assert sorted((e["task"], e["event"], e["rc"]) for e in events[:4] if e["event"] == "exit") == [
+        ("0", "exit", "0"),
+        ("1", "exit", "0"),
+    ]
+    assert len(json.loads((root / "shards" / "manifest.json").read_text())["shards"]) == 4
 
 
 def test_a_failing_stage_cancels_the_stages_after_it(slurm_cluster, job, tmp_path):
@@ -256,3 +281,92 @@ def test_python_api_submitit_checkpoints_requeues_and_resumes_exactly(slurm_clus
     assert _stop_signals(run_dir) == ["SIGUSR2"]
     assert slurm_cluster.job_field(run.job_id, "Restarts") == "1"
     assert status["job_ids"] == [run.job_id] and status["restarts"] == 1
+
+
+# Six shards of one subject over three array tasks of one rank: task t writes shards t and t + 3.
+SAMPLE_ARGS = ("--n", 6, "--subjects-per-shard", 1, "--batch-size", 1, "--steps", 10, "--seed", 3)
+TASKS = 3
+
+
+def _task_pid(array_id: str, task: int, marker: str) -> int | None:
+    """PID of the hpcdiff process of array task ``task`` of job ``array_id`` (``marker`` is one of its arguments)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue  # gone, or not ours to read
+        if (
+            b"hpcdiff" in argv
+            and marker.encode() in argv
+            and f"SLURM_ARRAY_JOB_ID={array_id}".encode() in env
+            and f"SLURM_ARRAY_TASK_ID={task}".encode() in env
+        ):
+            return int(proc.name)
+    return None
+
+
+def _files(out: Path) -> dict[str, tuple[int, int, str]]:
+    """Shard name -> (inode, mtime in ns, sha256): a rewritten shard (atomic rename) gets a new inode and mtime."""
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        for p in sorted(out.glob("shard-*.h5"))
+    }
+
+
+def test_sampling_array_with_a_killed_task_reruns_only_that_task_and_equals_an_undisturbed_run(
+    slurm_cluster, reference_run, tmp_path
+):
+    out = tmp_path / "synth 'array'"
+    job = JobScript(
+        kind="sample",
+        command=hpcdiff_argv("sample", "--run-dir", reference_run, "--out", out, *SAMPLE_ARGS),
+        options=SlurmOptions(ntasks_per_node=1, max_restarts=2),
+        array=TASKS,
+    )
+    script = write_script(job, tmp_path / "slurm" / "sample.sbatch")
+    array_id = slurm_cluster.sbatch(script, f"--output={output_pattern(tmp_path / 'slurm', 'sample', array=True)}")
+    tasks = [f"{array_id}_{t}" for t in range(TASKS)]
+
+    # Task 1 has written its first shard (1) and is sampling its second (4): SIGKILL it, a crash mid-shard.
+    _wait_until(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.05)
+    pid = _wait_until(lambda: _task_pid(array_id, 1, str(out)), 30, "the process of task 1", poll=0.05)
+    os.kill(pid, signal.SIGKILL)
+    assert not (out / "shard-00004.h5").exists(), "task 1 finished before the kill: raise --steps"
+    first = _files(out)["shard-00001.h5"]
+
+    # Each task's shards as they were when it completed: nothing may write them again afterwards.
+    when_done: dict[str, tuple] = {}
+
+    def all_final():
+        for t, task in enumerate(tasks):
+            state = slurm_cluster.job_state(task)
+            if state in FINAL_STATES and state != "COMPLETED":
+                pytest.fail(f"task {task} ended {state}:\n{slurm_cluster.show_job(task)}")
+            if state == "COMPLETED" and task not in when_done:
+                files = _files(out)
+                when_done[task] = (files[f"shard-{t:05d}.h5"], files[f"shard-{t + TASKS:05d}.h5"])
+        return len(when_done) == TASKS
+
+    _wait_until(all_final, 300, "every array task to complete")
+    after = _files(out)
+    assert sorted(after) == [f"shard-{i:05d}.h5" for i in range(6)]
+    for t, task in enumerate(tasks):
+        assert (after[f"shard-{t:05d}.h5"], after[f"shard-{t + TASKS:05d}.h5"]) == when_done[task], f"task {t}"
+    # Only the killed task ran again (its runner requeued it: same job id, one restart), and it redid only the shard
+    # it had not finished: the one it completed before the kill is the same file.
+    assert after["shard-00001.h5"] == first
+    assert [slurm_cluster.job_field(t, "Restarts") for t in tasks] == ["0", "1", "0"]
+    logs = [(tmp_path / "slurm" / f"sample-{array_id}_{t}.out").read_text() for t in range(TASKS)]
+    assert [text.count("starts on") for text in logs] == [1, 2, 1], logs
+    assert "requeueing (restart 1 of at most 2)" in logs[1]
+    assert "1 shard(s) written, 1 already complete" in logs[1], logs[1]
+
+    undisturbed = tmp_path / "undisturbed"
+    assert_ok(hpcdiff("sample", "--run-dir", reference_run, "--out", undisturbed, *SAMPLE_ARGS, timeout=300))
+    assert {k: v[2] for k, v in after.items()} == {k: v[2] for k, v in _files(undisturbed).items()}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == json.loads((undisturbed / "manifest.json").read_text())
+    assert manifest["num_subjects"] == 6
