@@ -13,17 +13,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from hpcdiff.data.loader import slice_indices
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import DataError
 
 log = logging.getLogger(__name__)
 
+SLICE_RANGE = (0.3, 0.7)
+"""Fractions of the slice axis a 2D model's training slices come from (the Loader's default)."""
 MAX_DOWNSAMPLED = 16
 """Each axis is average-pooled down to at most this many voxels before the MMD (kernels suffer in high dimension)."""
 
@@ -78,13 +82,28 @@ def _evenly(n: int, limit: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, min(n, limit))})
 
 
-def _load(shards: ShardSet, limit: int, slice_of: tuple[int, int] | None) -> np.ndarray:
-    """Up to ``limit`` subjects spread over the set, shape (n, D, H, W); a 2D cohort's axis is kept at size 1."""
-    x = shards.read_many(_evenly(shards.num_subjects, limit))[:, 0]
-    if slice_of is not None:
-        axis, index = slice_of
-        x = np.take(x, [index], axis=1 + axis)
-    return x
+def training_slices(volumes: np.ndarray, axis: int, indices: Sequence[int], seed: int = 0) -> np.ndarray:
+    """One slice per volume, drawn as the 2D loader draws them (uniform over ``SLICE_RANGE`` of ``axis``).
+
+    A 2D model samples from the distribution of its training slices, not from the middle slice, so that is the
+    real distribution to compare it with.
+
+    Args:
+        volumes: shape (n, D, H, W).
+        indices: one number per volume (its subject index) that, with ``seed``, picks the slice.
+
+    Returns:
+        shape (n, D, H, W) with ``axis`` of size 1.
+    """
+    picks = slice_indices(volumes.shape[1 + axis], seed, np.asarray(indices), SLICE_RANGE)
+    return np.stack([np.take(v, [int(s)], axis=axis) for v, s in zip(volumes, picks)])
+
+
+def _load(shards: ShardSet, limit: int, slice_axis: int | None) -> np.ndarray:
+    """Up to ``limit`` subjects spread over the set, shape (n, D, H, W); for a 2D cohort, one training-like slice."""
+    indices = _evenly(shards.num_subjects, limit)
+    x = shards.read_many(indices)[:, 0]
+    return x if slice_axis is None else training_slices(x, slice_axis, indices)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -170,8 +189,8 @@ def _split_half_mmd2(rows: np.ndarray, bandwidth: float, rng: np.random.Generato
     return float(np.mean(values))
 
 
-def _slice_of(r_set: ShardSet, s_set: ShardSet, real: Path, synth: Path) -> tuple[int, int] | None:
-    """Check both sets share a grid; for a 2D model's cohort (one axis of size 1), the real slice to compare."""
+def _slice_of(r_set: ShardSet, s_set: ShardSet, real: Path, synth: Path) -> int | None:
+    """Check both sets share a grid; for a 2D model's cohort (one axis of size 1), the axis to slice real ones."""
     rs, ss = r_set.shape, s_set.shape
     if rs == ss:
         if not np.allclose(r_set.affine, s_set.affine, atol=1e-4):
@@ -179,7 +198,7 @@ def _slice_of(r_set: ShardSet, s_set: ShardSet, real: Path, synth: Path) -> tupl
         return None
     thin = [a for a in range(3) if ss[a] == 1 and rs[a] > 1]
     if len(thin) == 1 and all(rs[a] == ss[a] for a in range(3) if a != thin[0]):
-        return thin[0], rs[thin[0]] // 2
+        return thin[0]
     raise DataError(
         f"{real / 'manifest.json'} (shape {list(rs)}) and {synth / 'manifest.json'} (shape {list(ss)}) are on "
         "different grids: sample from a run trained on shards of the real set's grid"
