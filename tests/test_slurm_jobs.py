@@ -25,8 +25,10 @@ from tests.slurm_harness import FINAL_STATES
 
 pytestmark = pytest.mark.slurm
 
-# Enough steps that a signal sent once step 6 is logged lands well before the end (the stop is asserted mid-run).
-STEPS = 24
+# Steps of this model take ~50 ms on an idle core and a preemption takes ~1 s to arrive: enough steps that a signal
+# sent near the start lands seconds before the end (the stop is asserted mid-run). Each job's ~4 s start-up, not
+# its steps, is what these tests spend their time on.
+STEPS = 60
 RANKS = 2
 
 
@@ -110,11 +112,12 @@ def _stop_signals(run: Path) -> list[str]:
 
 def test_preempted_by_high_partition_requeues_and_resumes_exactly(slurm_cluster, job, reference, tmp_path):
     run = tmp_path / "pre empted 'run'"
-    low = _submit(slurm_cluster, job, run, "--partition", "low")
-    _wait_until(lambda: _trained_steps(run) >= 6, 180, "training to pass step 6")
     cpus = slurm_cluster.run(["sinfo", "-h", "-o", "%c"]).stdout.split()[0]
     high_script = tmp_path / "high.sh"
     high_script.write_text("#!/bin/bash\nsleep 1\n")
+    low = _submit(slurm_cluster, job, run, "--partition", "low")
+    # Past the first checkpoint; preemption takes a few steps' time to arrive, so do not wait longer.
+    _wait_until(lambda: _trained_steps(run) >= 4, 180, "training to pass step 4")
     # The node is full, so the high job can only start by preempting the training job.
     high = slurm_cluster.sbatch(high_script, "-p", "high", "-n", "1", "-c", cpus, "-o", tmp_path / "high.out")
 
@@ -123,6 +126,8 @@ def test_preempted_by_high_partition_requeues_and_resumes_exactly(slurm_cluster,
     assert _digest(run) == reference
     assert int(slurm_cluster.job_field(low, "Restarts")) >= 1
     assert _stop_signals(run)[0] in ("SIGUSR1", "SIGTERM")  # checkpointed on the warning, then requeued
+    stopped_at = next(json.loads(x)["step"] for x in (run / "events.jsonl").read_text().splitlines() if '"signal"' in x)
+    assert 4 <= stopped_at < STEPS  # it really stopped mid-run and resumed from there
     status = _status(slurm_cluster, run)
     assert status["state"] == "completed" and status["step"] == STEPS and status["restarts"] >= 1
     assert status["job_ids"] == [low]
@@ -284,12 +289,16 @@ def test_python_api_submitit_checkpoints_requeues_and_resumes_exactly(slurm_clus
 
 
 # Six shards of one subject over three array tasks of one rank: task t writes shards t and t + 3.
-SAMPLE_ARGS = ("--n", 6, "--subjects-per-shard", 1, "--batch-size", 1, "--steps", 10, "--seed", 3)
+# 40 sampler steps make a shard take ~1 s on an idle core: time to SIGKILL a task between its two shards' writes.
+SAMPLE_ARGS = ("--n", 6, "--subjects-per-shard", 1, "--batch-size", 1, "--steps", 40, "--seed", 3)
 TASKS = 3
 
 
 def _task_pid(array_id: str, task: int, marker: str) -> int | None:
-    """PID of the hpcdiff process of array task ``task`` of job ``array_id`` (``marker`` is one of its arguments)."""
+    """PID of the ``python -m hpcdiff`` of array task ``task`` of job ``array_id`` (``marker`` is one of its arguments).
+
+    srun's own command line holds the same words, so the program is told apart by ``-m hpcdiff`` right after argv[0].
+    """
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -299,7 +308,7 @@ def _task_pid(array_id: str, task: int, marker: str) -> int | None:
         except OSError:
             continue  # gone, or not ours to read
         if (
-            b"hpcdiff" in argv
+            argv[1:3] == [b"-m", b"hpcdiff"]
             and marker.encode() in argv
             and f"SLURM_ARRAY_JOB_ID={array_id}".encode() in env
             and f"SLURM_ARRAY_TASK_ID={task}".encode() in env
@@ -331,8 +340,8 @@ def test_sampling_array_with_a_killed_task_reruns_only_that_task_and_equals_an_u
     tasks = [f"{array_id}_{t}" for t in range(TASKS)]
 
     # Task 1 has written its first shard (1) and is sampling its second (4): SIGKILL it, a crash mid-shard.
-    _wait_until(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.05)
-    pid = _wait_until(lambda: _task_pid(array_id, 1, str(out)), 30, "the process of task 1", poll=0.05)
+    pid = _wait_until(lambda: _task_pid(array_id, 1, str(out)), 180, "the process of task 1", poll=0.1)
+    _wait_until(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.02)
     os.kill(pid, signal.SIGKILL)
     assert not (out / "shard-00004.h5").exists(), "task 1 finished before the kill: raise --steps"
     first = _files(out)["shard-00001.h5"]
