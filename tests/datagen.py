@@ -43,8 +43,13 @@ def blob_shards(root: Path, num_subjects: int = 16, shape=(12, 12, 12), per_shar
         spacing=(2.0, 2.0, 2.0),
         affine=np.diag([2.0, 2.0, 2.0, 1.0]),
         covariates={
-            "age": {"kind": "continuous", "min": float(ages.min()), "max": float(ages.max()),
-                    "mean": float(ages.mean()), "std": float(ages.std())},
+            "age": {
+                "kind": "continuous",
+                "min": float(ages.min()),
+                "max": float(ages.max()),
+                "mean": float(ages.mean()),
+                "std": float(ages.std()),
+            },
             "sex": {"kind": "categorical", "levels": ["F", "M"]},
             "group": {"kind": "categorical", "levels": ["control", "patient"]},
         },
