@@ -12,11 +12,14 @@ import datetime as _dt
 import os
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+from hpcdiff.errors import HpcdiffError
 
 Launcher = Literal["single", "mpirun", "srun", "torchrun"]
+T = TypeVar("T")
 
 # (launcher, rank, world size, local rank, local world size); first match wins. torchrun comes first because it
 # may itself run inside an srun step; srun is recognised by its *step* variables only, because a batch script
@@ -166,6 +169,23 @@ class Context:
         box = [obj]
         tdist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def run_on_main(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0 and hand every rank its result, or raise its error on every rank.
+
+        A bad input that rank 0 finds while planning must end every rank the same way (exit 2 or 3), cleanly,
+        rather than leave the others in a collective until an abort turns the exit code into a crash.
+        """
+        outcome: tuple[bool, Any] | None = None
+        if self.is_main:
+            try:
+                outcome = (True, fn())
+            except HpcdiffError as e:
+                outcome = (False, e)
+        ok, value = self.broadcast_object(outcome)
+        if not ok:
+            raise value
+        return value
 
     def close(self) -> None:
         """Tear the group down; safe to call twice and after a failure."""

@@ -95,16 +95,16 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
     }
 
 
-def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> str | None:
-    """Freeze the config at first start, or refuse a changed one; returns an error message or None."""
+def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> None:
+    """Freeze the config at first start, or refuse a changed one with ConfigError."""
     new = job_to_dict(job)
     old = run.read_config()
     if old is None:
         run.freeze_config(new)
-        return None
+        return
     changes = diff(old, new)
     if changes and not allow_config_change:
-        return (
+        raise ConfigError(
             f"the config differs from the one frozen in {run.config}: "
             + "; ".join(changes)
             + ". Resume with the same config, or pass --allow-config-change to accept the new one."
@@ -112,7 +112,6 @@ def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> 
     if changes:
         run.event("config_change", changes=changes)
         run.freeze_config(new)
-    return None
 
 
 def train(
@@ -134,13 +133,12 @@ def train(
         allow_config_change: accept a config that differs from the frozen one.
         progress: show a progress bar on rank 0.
     """
-    error = None
-    if ctx.is_main:
+
+    def claim_run_dir() -> None:
         run.acquire_lock()
-        error = _prepare_run_dir(job, run, allow_config_change)
-    error = ctx.broadcast_object(error)
-    if error:
-        raise ConfigError(error)
+        _prepare_run_dir(job, run, allow_config_change)
+
+    ctx.run_on_main(claim_run_dir)
 
     shards = ShardSet.open(job.data.shards)
     try:

@@ -79,3 +79,13 @@ def test_allreduce_and_ddp_step_under_mpirun_matches_one_rank():
     assert out["identical_across_ranks"]
     # 2 ranks x 4 rows == 1 rank x 8 rows, to floating-point tolerance (the reduction order differs).
     assert out["params"] == pytest.approx(single["params"], abs=1e-6)
+
+
+@pytest.mark.mpi
+def test_bad_input_found_by_rank_0_ends_every_rank_with_its_exit_code(tmp_path):
+    bids = tmp_path / "bids without participants"
+    bids.mkdir()
+    proc = mpirun(2, [PYTHON, "-m", "hpcdiff", "ingest", bids, "--out", tmp_path / "shards"], timeout=90)
+    assert proc.returncode == 3, proc.stderr
+    assert "MPI_ABORT" not in proc.stderr
+    assert proc.stderr.count("participants.tsv") >= 2  # every rank reports the same error

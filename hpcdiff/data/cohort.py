@@ -274,12 +274,12 @@ def make_cohort(
     try:
         params = {"subjects": num_subjects, "shape": list(shape), "seed": seed, "effects": asdict(effects)}
         params = json.loads(json.dumps(params))  # tuples become lists, as in the file it is compared with
-        if ctx.is_main:
+
+        def check_on_main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             _check_params(out, params)
-        ctx.barrier()
-        if not ctx.is_main:
-            _check_params(out, params)
+
+        ctx.run_on_main(check_on_main)
         anatomy = Anatomy(tuple(shape), effects)
         if ctx.is_main:
             _write_truth(out / TRUTH_DIR, anatomy, params)

@@ -334,8 +334,8 @@ def ingest(
     ctx = dist.init(device="cpu")
     try:
         worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
-        plan = None
-        if ctx.is_main:
+
+        def plan_on_main() -> Plan:
             out.mkdir(parents=True, exist_ok=True)
             plan = make_plan(bids_root, subjects_per_shard)
             _remove_unplanned(out, len(plan.shards))
@@ -349,7 +349,9 @@ def ingest(
                 num_tasks,
                 ctx.world_size,
             )
-        plan = ctx.broadcast_object(plan)
+            return plan
+
+        plan = ctx.run_on_main(plan_on_main)
         if strict and plan.quarantine:
             (out / MANIFEST).unlink(missing_ok=True)
             raise DataError(_strict_message(bids_root, plan.quarantine))
