@@ -209,9 +209,10 @@ def train(
         slice_axis=job.data.slice_axis,
         prefetch=job.data.prefetch,
     )
+    saver = checkpoint.Saver(run.checkpoints, job.train.keep_last, job.train.keep_every) if ctx.is_main else None
     stop = StopFlag().install()
     try:
-        return _loop(job, run, ctx, parts, net, objective, loader, stop, deadline, use_bf16, progress)
+        return _loop(job, run, ctx, parts, net, objective, loader, saver, stop, deadline, use_bf16, progress)
     except BaseException as e:
         if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt):
             run.update_status(state="failed", error=f"{type(e).__name__}: {e}")
@@ -219,6 +220,8 @@ def train(
         raise
     finally:
         stop.restore()
+        if saver is not None:
+            saver.close()
         loader.close()
         shards.close()
         if ctx.is_main:
@@ -233,6 +236,7 @@ def _loop(
     net: torch.nn.Module,
     objective: Any,
     loader: Loader,
+    saver: checkpoint.Saver | None,
     stop: StopFlag,
     deadline: float | None,
     use_bf16: bool,
@@ -314,23 +318,28 @@ def _loop(
                 last_beat = now
         due = parts.step % t_cfg.checkpoint_every == 0 or parts.step == t_cfg.steps
         if due or stopping or agreed[1]:
-            _save(parts, job, ctx, run)
+            _save(parts, job, ctx, run, saver)
             last_ckpt = time.monotonic()
         if stopping:
             names = [n for n in ctx.all_gather_object(stop.signal_name) if n]
             why = names[0] if names else "time limit"
-            if ctx.is_main:
+            if saver is not None:
+                saver.wait()
                 run.update_status(state="stopped", step=parts.step, heartbeat=time.time(), stop_reason=why)
                 run.event("signal", step=parts.step, reason=why)
+            # Open MPI kills every rank when one exits non-zero: nobody leaves before rank 0 has written all.
+            ctx.barrier()
             log.info("stopped at step %d on %s after a checkpoint; exit %d to be requeued", parts.step, why, 75)
             if bar is not None:
                 bar.close()
             return EXIT_REQUEUE
     if bar is not None:
         bar.close()
-    if ctx.is_main:
+    if saver is not None:
+        saver.wait()
         run.update_status(state="completed", step=parts.step, heartbeat=time.time())
         run.event("completed", step=parts.step)
+    ctx.barrier()
     return 0
 
 
@@ -344,21 +353,19 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
             e.copy_(b)
 
 
-def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir) -> None:
-    """Rank 0 writes (replicas are checked bitwise equal first); all ranks wait for it to be verified."""
+def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir, saver: checkpoint.Saver | None) -> None:
+    """Rank 0 writes (replicas are checked bitwise equal first); the others go on with the next step."""
     digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
     digests = ctx.all_gather_object(digest)
     if len(set(digests)) != 1:
         # DDP keeps replicas bitwise equal; if they drift, a checkpoint of rank 0 would silently lose the others.
         raise RuntimeError(f"weights differ across ranks at step {parts.step}: {digests}")
-    if ctx.is_main:
+    if saver is not None:
         t0 = time.perf_counter()
-        info = checkpoint.save(run.checkpoints, parts.step, _state(parts, job, ctx), digest)
+        info = saver.save(parts.step, _state(parts, job, ctx), digest)
         stall = time.perf_counter() - t0
-        checkpoint.apply_retention(run.checkpoints, job.train.keep_last, job.train.keep_every, verified=info.path)
         run.update_status(last_checkpoint=str(info.path), step=parts.step, weights_sha256=digest)
         run.event("checkpoint", step=parts.step, path=str(info.path), seconds=round(stall, 4))
-    ctx.barrier()
 
 
 def _progress_bar(start: int, total: int) -> Any:
