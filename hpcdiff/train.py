@@ -246,6 +246,7 @@ def _loop(
     t_cfg, o_cfg = job.train, job.optim
     global_batch = job.data.batch_size * ctx.world_size
     batches = iter(loader)
+    ema = _EMA(parts.ema, parts.model, o_cfg.ema_decay)
     bar = _progress_bar(parts.step, t_cfg.steps) if progress and ctx.is_main else None
     last_ckpt = last_beat = time.monotonic()
     while parts.step < t_cfg.steps:
@@ -282,7 +283,7 @@ def _loop(
         if o_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
         parts.optimizer.step()
-        _ema_update(parts.ema, parts.model, o_cfg.ema_decay, step)
+        ema.update(step)
         parts.step = step + 1
         parts.position += global_batch * o_cfg.grad_accum
 
@@ -343,13 +344,23 @@ def _loop(
     return 0
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
-    # Warm the average up over the first steps so short runs still sample from trained weights.
-    d = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - d)
-        for e, b in zip(ema.buffers(), model.buffers()):
+class _EMA:
+    """Exponential moving average of the weights, updated with one fused call per step.
+
+    The parameter lists are taken once: walking the module tree every step costs more than the average itself.
+    """
+
+    def __init__(self, ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.ema_params, self.params = list(ema.parameters()), list(model.parameters())
+        self.ema_buffers, self.buffers = list(ema.buffers()), list(model.buffers())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        # Warm the average up over the first steps so short runs still sample from trained weights.
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.ema_params, self.params, 1 - d)
+        for e, b in zip(self.ema_buffers, self.buffers):
             e.copy_(b)
 
 
