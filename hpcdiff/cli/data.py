@@ -1,0 +1,166 @@
+"""Sub-commands that make data: the synthetic cohort, ingest into shards, sampling, export and the quality report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hpcdiff.cli.common import add_task_options, positive, shape
+
+
+# ---------------------------------------------------------------- cohort
+def add_cohort(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cohort", help="synthetic multi-subject BIDS dataset with planted group effects")
+    p.add_argument("--out", required=True, help="BIDS directory to create (a rerun completes it)")
+    p.add_argument("--subjects", required=True, type=shape, metavar="N", help="number of subjects")
+    p.add_argument("--shape", nargs=3, type=shape, default=[48, 56, 48], metavar=("D", "H", "W"), help="grid")
+    p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
+    p.set_defaults(handler=_run_cohort)
+
+
+def _run_cohort(args: argparse.Namespace) -> int:
+    from hpcdiff.data.cohort import TRUTH_DIR, make_cohort
+    from hpcdiff.dist import detect_topology
+
+    subjects = make_cohort(Path(args.out), args.subjects, tuple(args.shape), args.seed)
+    if detect_topology().is_main:
+        print(f"cohort: {len(subjects)} subjects in {args.out}; ground truth in {Path(args.out) / TRUTH_DIR}")
+    return 0
+
+
+# ---------------------------------------------------------------- ingest
+def add_ingest(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ingest", help="BIDS T1w images -> conformed HDF5 shards (resumable, sliced across ranks)")
+    p.add_argument("bids_dir", help="root of a BIDS dataset (participants.tsv, sub-*/[ses-*/]anat/*_T1w.nii[.gz])")
+    p.add_argument("--out", required=True, help="shard directory to create (a rerun completes it)")
+    p.add_argument("--shape", nargs=3, type=shape, default=[48, 56, 48], metavar=("D", "H", "W"), help="grid")
+    p.add_argument("--spacing", type=float, default=None, metavar="MM", help="isotropic voxel size (mm)")
+    p.add_argument("--subjects-per-shard", type=shape, default=64, metavar="K", help="subjects per shard")
+    p.add_argument("--strict", action="store_true", help="exit 3 if any input is quarantined")
+    add_task_options(p)
+    p.set_defaults(handler=_run_ingest)
+
+
+def _run_ingest(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.data.ingest import ingest
+    from hpcdiff.data.shards import QUARANTINE
+    from hpcdiff.data.slicing import task_of
+    from hpcdiff.dist import detect_topology
+
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
+    r = ingest(
+        Path(args.bids_dir),
+        Path(args.out),
+        tuple(args.shape),
+        args.spacing,
+        args.subjects_per_shard,
+        args.strict,
+        task=task,
+        num_tasks=num_tasks,
+    )
+    if not detect_topology().is_main:
+        return 0
+    counts = f"{r.shards_written} written, {r.shards_skipped} already complete"
+    if r.manifest_written:
+        print(
+            f"ingest: {r.num_subjects} subjects in {r.num_shards} shards in {r.out} ({counts}); "
+            f"{len(r.quarantined)} quarantined, listed in {r.out / QUARANTINE}"
+        )
+    else:
+        print(f"ingest: task {task} of {num_tasks} in {r.out}: {counts}; other tasks' shards still missing")
+    return 0
+
+
+# ---------------------------------------------------------------- sample
+def add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample", help="synthetic subjects from a run into shards (resumable, sliced across ranks and tasks)"
+    )
+    p.add_argument("--run-dir", required=True, help="training run; the EMA weights of its newest valid checkpoint")
+    p.add_argument("--out", required=True, help="shard directory to create (a rerun completes it)")
+    p.add_argument("--n", type=positive, help="subjects (optional with --covariates: one per row)")
+    p.add_argument("--covariates", metavar="FILE.tsv", help="one row per subject, one column per trained covariate")
+    p.add_argument("--steps", type=positive, default=50, help="sampler steps (default 50)")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1)")
+    p.add_argument("--sampler", help="euler|heun (flow), ancestral|ddim (DDPM); default: the objective's")
+    p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
+    p.add_argument("--subjects-per-shard", type=positive, default=64, metavar="K", help="subjects per shard")
+    p.add_argument("--batch-size", type=positive, default=8, help="subjects sampled together")
+    add_task_options(p)
+    p.set_defaults(handler=_run_sample)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.data.slicing import Worker, task_of
+    from hpcdiff.dist import detect_topology
+    from hpcdiff.sample import SampleOptions, default_device, sample
+
+    topology = detect_topology()
+    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
+    opts = SampleOptions(
+        n=args.n,
+        covariates=Path(args.covariates) if args.covariates else None,
+        steps=args.steps,
+        guidance=args.guidance,
+        sampler=args.sampler,
+        seed=args.seed,
+        subjects_per_shard=args.subjects_per_shard,
+        batch_size=args.batch_size,
+    )
+    r = sample(args.run_dir, args.out, opts, worker, default_device(topology.local_rank))
+    done = "manifest written: all shards done" if r.manifest_written else "other workers' shards still missing"
+    print(
+        f"sample: worker {worker.index} of {worker.count}: {r.shards_written} shard(s) written, "
+        f"{r.shards_skipped} already complete, of {r.num_shards} ({r.num_subjects} subjects) in {r.out}; {done}"
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- export
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="shards -> NIfTI (float32) in a BIDS-derivatives layout (resumable)")
+    p.add_argument("shards", help="shard directory (real or synthetic)")
+    p.add_argument("--out", required=True, help="derivatives folder to create (a rerun completes it)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from hpcdiff.data.export import export
+    from hpcdiff.dist import detect_topology
+
+    r = export(args.shards, args.out)
+    if detect_topology().is_main:
+        print(f"export: {r.num_images} images in {r.out} ({r.written} written here, {r.skipped} already there)")
+    return 0
+
+
+# ---------------------------------------------------------------- quality
+def add_quality(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quality", help="synthetic vs held-out real: montage, mean/std maps, MMD beside a baseline")
+    p.add_argument("real", help="shards of real subjects held out of training")
+    p.add_argument("synth", help="shards written by 'hpcdiff sample'")
+    p.add_argument("--out", required=True, help="folder for montage.png, maps.png, maps and summary.json")
+    p.add_argument("--max-subjects", type=positive, default=256, help="subjects read from each set (default 256)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(handler=_run_quality)
+
+
+def _run_quality(args: argparse.Namespace) -> int:
+    from hpcdiff.quality import quality
+
+    s = quality(args.real, args.synth, args.out, max_subjects=args.max_subjects)
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        m = s["mmd"]
+        print(
+            f"quality: MMD^2 synthetic {m['mmd2_synthetic_vs_real']:.4g}, baseline {m['mmd2_baseline_vs_real']:.4g}, "
+            f"real half vs half {m['mmd2_real_half_vs_half']:.4g}; mean map r={s['maps']['corr_mean']:.3f}, "
+            f"std map r={s['maps']['corr_std']:.3f}; wrote {Path(args.out) / 'summary.json'}"
+        )
+    return 0
