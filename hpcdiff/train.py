@@ -172,8 +172,8 @@ def train(
         job_ids = list(previous.get("job_ids", []))
         if ctx.topology.job_id and ctx.topology.job_id not in job_ids:
             job_ids.append(ctx.topology.job_id)
-        if resumed is not None:
-            run.truncate_metrics(parts.step)
+        # Rows past the checkpoint (or all rows, when a killed run left none) are logged again by this run.
+        run.truncate_metrics(parts.step)
         run.update_status(
             state="running",
             step=parts.step,
