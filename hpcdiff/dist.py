@@ -184,6 +184,7 @@ class Context:
                 outcome = (False, e)
         ok, value = self.broadcast_object(outcome)
         if not ok:
+            value.on_every_rank = True
             raise value
         return value
 

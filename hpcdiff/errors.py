@@ -15,6 +15,8 @@ class HpcdiffError(Exception):
     """Base of every error hpcdiff reports to a user rather than crashing on."""
 
     exit_code = 1
+    on_every_rank = False
+    """Set when every rank raised this same error (``dist.Context.run_on_main``): nobody waits, nothing to abort."""
 
 
 class ConfigError(HpcdiffError, ValueError):

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -100,3 +101,14 @@ def assert_ok(proc: subprocess.CompletedProcess[str], code: int = 0) -> None:
     assert proc.returncode == code, (
         f"exit {proc.returncode} (wanted {code}) from {proc.args}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.01):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail the test after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.datagen import blob_shards, job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require_mpi
+from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require_mpi, wait_for
 
 pytestmark = pytest.mark.mpi
 
@@ -95,16 +95,6 @@ def _rank_pids(mpirun_pid: int) -> dict[int, int]:
     return out
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.01):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
 def test_chaos_sigkill_random_ranks_then_resume_is_bitwise_exact(job, reference, tmp_path):
     require_mpi()
     rng = random.Random(int(os.environ.get("HPCDIFF_CHAOS_SEED", "0")) or None)
@@ -118,12 +108,12 @@ def test_chaos_sigkill_random_ranks_then_resume_is_bitwise_exact(job, reference,
                 out, _ = proc.communicate(timeout=240)
                 assert proc.returncode == 0, out.decode()[-3000:]
                 break
-            pids = _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 and _rank_pids(proc.pid), 60, "2 ranks")
+            pids = wait_for(lambda: len(_rank_pids(proc.pid)) == 2 and _rank_pids(proc.pid), 60, "2 ranks")
             rank = rng.randrange(2)
             if attempt == 1:
                 # Aim for the middle of a checkpoint write: kill rank 0 as soon as a temporary folder appears.
                 ck = run / "checkpoints"
-                _wait_for(
+                wait_for(
                     lambda: (
                         ck.is_dir()
                         and any(p.name.startswith(".step-") for p in ck.iterdir())
@@ -137,7 +127,7 @@ def test_chaos_sigkill_random_ranks_then_resume_is_bitwise_exact(job, reference,
             else:
                 # The first kill lands before the first checkpoint (step 3): nothing to resume from.
                 target = 1 if attempt == 0 else rng.randint(start + 1, min(start + 8, STEPS - 3))
-                _wait_for(lambda: _logged_step(run) >= target or proc.poll() is not None, 120, f"step {target}")
+                wait_for(lambda: _logged_step(run) >= target or proc.poll() is not None, 120, f"step {target}")
             os.kill(pids[rank], signal.SIGKILL)
             kills.append((rank, _logged_step(run)))
             proc.communicate(timeout=60)
@@ -161,8 +151,8 @@ def test_sigusr1_checkpoints_exits_75_within_a_step_and_resumes_exactly(job, ref
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(job, run), env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        pids = _wait_for(lambda: len(_rank_pids(proc.pid)) == 2 and _rank_pids(proc.pid), 60, "2 ranks")
-        _wait_for(lambda: _logged_step(run) >= 4, 120, "step 4")
+        pids = wait_for(lambda: len(_rank_pids(proc.pid)) == 2 and _rank_pids(proc.pid), 60, "2 ranks")
+        wait_for(lambda: _logged_step(run) >= 4, 120, "step 4")
         seen = _logged_step(run)
         os.kill(pids[1], signal.SIGUSR1)  # one rank only: the others must agree to stop with it
         out, _ = proc.communicate(timeout=60)
@@ -229,7 +219,7 @@ def test_second_writer_on_a_live_run_is_refused(job, tmp_path):
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_for(lambda: _logged_step(run) >= 1, 60, "the first writer to start")
+        wait_for(lambda: _logged_step(run) >= 1, 60, "the first writer to start")
         second = hpcdiff("train", job, "--run-dir", run, "--quiet", "--set", "train.steps=100000")
         assert second.returncode == 2 and "in use by another live process" in second.stderr
     finally:
@@ -276,13 +266,13 @@ def test_supervisor_restarts_a_killed_rank_and_outlives_its_submitter(job, refer
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
-    status = _wait_for(lambda: json.loads((run / "status.json").read_text()), 30, "status.json")
+    status = wait_for(lambda: json.loads((run / "status.json").read_text()), 30, "status.json")
     sup = status["supervisor_pid"]
-    _wait_for(lambda: _logged_step(run) >= 5, 120, "step 5")
-    mpirun_pid = _wait_for(lambda: _child_named(sup, "mpirun"), 30, "mpirun under the supervisor")
-    ranks = _wait_for(lambda: len(_rank_pids(mpirun_pid)) == 2 and _rank_pids(mpirun_pid), 30, "ranks")
+    wait_for(lambda: _logged_step(run) >= 5, 120, "step 5")
+    mpirun_pid = wait_for(lambda: _child_named(sup, "mpirun"), 30, "mpirun under the supervisor")
+    ranks = wait_for(lambda: len(_rank_pids(mpirun_pid)) == 2 and _rank_pids(mpirun_pid), 30, "ranks")
     os.kill(ranks[1], signal.SIGKILL)
-    _wait_for(lambda: "supervisor_done" in _events(run), 240, "the supervisor to finish", poll=0.2)
+    wait_for(lambda: "supervisor_done" in _events(run), 240, "the supervisor to finish", poll=0.2)
     got = _outcome(run)
     assert got["digest"] == reference["digest"] and got["losses"] == reference["losses"]
     status = json.loads((run / "status.json").read_text())

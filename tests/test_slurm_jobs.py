@@ -13,14 +13,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
 from tests.datagen import blob_shards, job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
+from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, wait_for
 from tests.slurm_harness import FINAL_STATES
 
 pytestmark = pytest.mark.slurm
@@ -76,16 +75,6 @@ def _submit(cluster, job: Path, run: Path, *extra: object) -> str:
     return str(json.loads((run / "status.json").read_text())["job_ids"][-1])
 
 
-def _wait_until(predicate, timeout: float, what: str, poll: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
 def _trained_steps(run: Path) -> int:
     try:
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.endswith("}")]
@@ -102,7 +91,7 @@ def _wait_completed(cluster, run: Path, job_id: str, timeout: float = 300) -> No
             pytest.fail(f"job {job_id} ended {state}:\n{cluster.show_job(job_id)}\n{out[-4000:]}")
         return state == "COMPLETED"
 
-    _wait_until(done, timeout, f"job {job_id} to complete")
+    wait_for(done, timeout, f"job {job_id} to complete", poll=0.2)
 
 
 def _stop_signals(run: Path) -> list[str]:
@@ -117,7 +106,7 @@ def test_preempted_by_high_partition_requeues_and_resumes_exactly(slurm_cluster,
     high_script.write_text("#!/bin/bash\nsleep 1\n")
     low = _submit(slurm_cluster, job, run, "--partition", "low")
     # Past the first checkpoint; preemption takes a few steps' time to arrive, so do not wait longer.
-    _wait_until(lambda: _trained_steps(run) >= 4, 180, "training to pass step 4")
+    wait_for(lambda: _trained_steps(run) >= 4, 180, "training to pass step 4")
     # The node is full, so the high job can only start by preempting the training job.
     high = slurm_cluster.sbatch(high_script, "-p", "high", "-n", "1", "-c", cpus, "-o", tmp_path / "high.out")
 
@@ -136,7 +125,7 @@ def test_preempted_by_high_partition_requeues_and_resumes_exactly(slurm_cluster,
 def test_scancel_usr1_batch_checkpoints_requeues_and_finishes_exactly(slurm_cluster, job, reference, tmp_path):
     run = tmp_path / "usr1 run"
     job_id = _submit(slurm_cluster, job, run)
-    _wait_until(lambda: _trained_steps(run) >= 6, 180, "training to pass step 6")
+    wait_for(lambda: _trained_steps(run) >= 6, 180, "training to pass step 6")
     proc = slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job_id])
     assert proc.returncode == 0, proc.stderr
 
@@ -161,7 +150,7 @@ def test_job_outlives_the_killed_submitter_and_status_reports_it(slurm_cluster, 
         start_new_session=True,
     )
     try:
-        _wait_until(lambda: (run / "status.json").exists() and "job_ids" in (run / "status.json").read_text(), 60, "id")
+        wait_for(lambda: (run / "status.json").exists() and "job_ids" in (run / "status.json").read_text(), 60, "id")
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(session.pid, signal.SIGKILL)
@@ -228,7 +217,7 @@ def test_pipeline_runs_its_stages_in_order_to_the_end(slurm_cluster, job, bids, 
         assert status["failed_stage"] is None, json.dumps(status, indent=1)
         return status if all(s["state"] == "completed" for s in status["stages"]) else None
 
-    status = _wait_until(finished, 400, "every stage to complete", poll=1)
+    status = wait_for(finished, 400, "every stage to complete", poll=1)
     assert [s["name"] for s in status["stages"]] == ["ingest", "train", "stats"]
     assert (root / "shards" / "manifest.json").exists()
     assert json.loads((root / "run" / "status.json").read_text())["state"] == "completed"
@@ -275,7 +264,7 @@ def test_python_api_submitit_checkpoints_requeues_and_resumes_exactly(slurm_clus
         monkeypatch.setenv(key, value)  # submitit runs sbatch and scontrol from this process
     run_dir = tmp_path / "submitit 'run'"
     run = submit_training(job, run_dir, timeout_min=30, cpus_per_task=1)
-    _wait_until(lambda: _trained_steps(run_dir) >= 6, 180, "training to pass step 6")
+    wait_for(lambda: _trained_steps(run_dir) >= 6, 180, "training to pass step 6")
     # submitit's preemption signal, sent to the job's processes as Slurm would.
     proc = slurm_cluster.run(["scancel", "--signal=USR2", run.job_id])
     assert proc.returncode == 0, proc.stderr
@@ -340,8 +329,8 @@ def test_sampling_array_with_a_killed_task_reruns_only_that_task_and_equals_an_u
     tasks = [f"{array_id}_{t}" for t in range(TASKS)]
 
     # Task 1 has written its first shard (1) and is sampling its second (4): SIGKILL it, a crash mid-shard.
-    pid = _wait_until(lambda: _task_pid(array_id, 1, str(out)), 180, "the process of task 1", poll=0.1)
-    _wait_until(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.02)
+    pid = wait_for(lambda: _task_pid(array_id, 1, str(out)), 180, "the process of task 1", poll=0.1)
+    wait_for(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.02)
     os.kill(pid, signal.SIGKILL)
     assert not (out / "shard-00004.h5").exists(), "task 1 finished before the kill: raise --steps"
     first = _files(out)["shard-00001.h5"]
@@ -359,7 +348,7 @@ def test_sampling_array_with_a_killed_task_reruns_only_that_task_and_equals_an_u
                 when_done[task] = (files[f"shard-{t:05d}.h5"], files[f"shard-{t + TASKS:05d}.h5"])
         return len(when_done) == TASKS
 
-    _wait_until(all_final, 300, "every array task to complete")
+    wait_for(all_final, 300, "every array task to complete", poll=0.2)
     after = _files(out)
     assert sorted(after) == [f"shard-{i:05d}.h5" for i in range(6)]
     for t, task in enumerate(tasks):

@@ -63,7 +63,9 @@ def test_sbatch_runs_srun_pmix_allreduce(slurm_cluster, tmp_path):
     out = work / "out %j.txt"
     job = slurm_cluster.sbatch(script, "-n", "2", "-J", "allreduce", "-o", out, "-D", work)
 
-    assert slurm_cluster.wait(job, timeout=180) == "COMPLETED", slurm_cluster.show_job(job)
+    state = slurm_cluster.wait(job, states={"COMPLETED", "FAILED"}, timeout=180)
+    output = next(work.glob("out *.txt")).read_text() if list(work.glob("out *.txt")) else "(no output file)"
+    assert state == "COMPLETED", f"{slurm_cluster.show_job(job)}\n--- job output\n{output}"
     assert slurm_cluster.job_field(job, "ExitCode") == "0:0"
     text = (work / f"out {job}.txt").read_text()
     result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])

@@ -63,14 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    shared = False
     try:
         code = args.handler(args)
     except HpcdiffError as e:
         print(f"hpcdiff {args.command}: error: {e}", file=sys.stderr)
-        code = e.exit_code
+        code, shared = e.exit_code, e.on_every_rank
     except KeyboardInterrupt:
         code = 130
-    if code not in (0, EXIT_REQUEUE):
+    if code not in (0, EXIT_REQUEUE) and not shared:
         # An error seen by one rank only must not leave the others waiting in a collective.
         abort_peers(code)
     return code
