@@ -1,5 +1,3 @@
-import sys
+from hpcdiff.cli import run
 
-from hpcdiff.cli import main
-
-sys.exit(main())
+run()

@@ -8,18 +8,24 @@ so a dead peer ends the job in bounded time instead of hanging it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 
 from hpcdiff.errors import HpcdiffError
 
 Launcher = Literal["single", "mpirun", "srun", "torchrun"]
 T = TypeVar("T")
+
+# Set once this process has brought up torch.distributed; exit_process then skips finalization.
+_process_group_started = False
 
 # (launcher, rank, world size, local rank, local world size); first match wins. torchrun comes first because it
 # may itself run inside an srun step; srun is recognised by its *step* variables only, because a batch script
@@ -198,6 +204,30 @@ class Context:
             self.backend = None
 
 
+def exit_process(code: int) -> NoReturn:
+    """Leave with ``code``; once torch.distributed has run here, without Python's finalization.
+
+    DistributedDataParallel keeps gloo's process group alive past ``destroy_process_group`` (its worker threads
+    are never joined). A worker thread that releases a tensor after Python has begun to finalize cannot take the
+    GIL and aborts the process (SIGABRT, exit 134): a finished job would be reported as crashed. So, after an
+    orderly teardown (logs and streams flushed, our threads joined, MPI finalized), the process ends at once.
+    Everything on disk is complete by then: writers close their files and fsync before returning.
+    """
+    if not _process_group_started:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe must not change the exit code
+            stream.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
+
+
 def abort_peers(code: int) -> None:
     """End every rank of an MPI job now; for an error on one rank that the others cannot see.
 
@@ -263,6 +293,8 @@ def init(
         dev = torch.device("cpu")
     if topo.world_size == 1:
         return Context(topo, dev, None, timeout_s)
+    global _process_group_started
+    _process_group_started = True
     backend = "nccl" if use_cuda else "gloo"
     timeout = _dt.timedelta(seconds=timeout_s)
     if topo.launcher == "torchrun":

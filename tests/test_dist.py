@@ -89,3 +89,17 @@ def test_bad_input_found_by_rank_0_ends_every_rank_with_its_exit_code(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert "MPI_ABORT" not in proc.stderr
     assert proc.stderr.count("participants.tsv") >= 2  # every rank reports the same error
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("code", [0, 75])
+def test_exit_after_ddp_keeps_code_output_and_threads(tmp_path, code):
+    """The exit that skips finalization (a leaked gloo thread can abort it) still flushes and joins everything."""
+    proc = mpirun(2, [PYTHON, ROOT / "tests" / "workers" / "exit_after_ddp.py", tmp_path, code], timeout=90)
+    assert_ok(proc, code)
+    for rank in (0, 1):
+        assert f"rank {rank} printed before exit" in proc.stdout
+        assert f"rank {rank} logged before exit" in (tmp_path / f"rank{rank}.log").read_text()
+        assert (tmp_path / f"thread{rank}.done").read_text() == "done"
+    assert "terminate called" not in proc.stderr
+    assert "finalize" not in proc.stderr.lower()  # mpirun names ranks that exit without MPI_Finalize

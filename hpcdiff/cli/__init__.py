@@ -16,7 +16,7 @@ from hpcdiff.cli.common import Parser
 from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
-from hpcdiff.dist import abort_peers
+from hpcdiff.dist import abort_peers, exit_process
 from hpcdiff.errors import EXIT_REQUEUE, HpcdiffError
 
 log = logging.getLogger("hpcdiff")
@@ -77,5 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run() -> None:
+    """The console entry point: ``main`` and then an exit that a distributed run cannot turn into a crash."""
+    exit_process(main())

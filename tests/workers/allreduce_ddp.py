@@ -5,7 +5,6 @@ so any world size that divides 8 must give the same step.
 """
 
 import json
-import sys
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -43,4 +42,4 @@ if ctx.is_main:
         )
     )
 ctx.close()
-sys.exit(0)
+dist.exit_process(0)
