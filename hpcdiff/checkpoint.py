@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hpcdiff.atomic import atomic_write, file_sha256, fsync_dir
+from hpcdiff.atomic import atomic_write, file_sha256, fsync_dir, naming
 from hpcdiff.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _write_and_hash(path: Path, data: memoryview) -> str:
     """Write and fsync ``data`` while another thread hashes it (hashlib releases the GIL): one pass of wall time."""
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
-        with open(path, "wb") as f:
+        with naming(path), open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,7 +83,8 @@ def weights_sha256(*state_dicts: Mapping[str, torch.Tensor]) -> str:
         for name in sorted(sd):
             t = sd[name].detach().to("cpu").contiguous()
             h.update(f"{i}/{name}/{t.dtype}/{tuple(t.shape)}\n".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # flattened first: a 0-d tensor (a counter buffer) cannot be viewed as bytes
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -154,22 +155,11 @@ def save(root: Path, step: int, state: dict[str, Any], digest: str, deep_verify:
         return existing
     tmp = root / f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
-    state_path = tmp / STATE
-    # Serialising to memory first lets the write and the checksum run side by side, and torch.save writes a
-    # buffer far faster than it writes through a Python file wrapper.
-    buffer = io.BytesIO()
-    with _without_zip_crc():
-        torch.save(state, buffer)
-    data = buffer.getbuffer()
-    sha256 = _write_and_hash(state_path, data)
-    meta = {
-        "step": step,
-        "size": data.nbytes,
-        "sha256": sha256,
-        "weights_sha256": digest,
-        "time": time.time(),
-    }
-    atomic_write(tmp / MARKER, json.dumps(meta, indent=1).encode())
+    try:
+        _write_folder(tmp, step, state, digest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (a full disk) leaves nothing behind
+        raise
     if existing is not None:
         # An invalid folder with our name (a torn earlier write) is moved aside, never left half-replaced.
         shutil.rmtree(existing.path)
@@ -180,6 +170,18 @@ def save(root: Path, step: int, state: dict[str, Any], digest: str, deep_verify:
         raise CheckpointError(f"checkpoint {final} failed verification right after writing: {info.reason}")
     _point_latest(root, final)
     return info
+
+
+def _write_folder(folder: Path, step: int, state: dict[str, Any], digest: str) -> None:
+    # Serialising to memory first lets the write and the checksum run side by side, and torch.save writes a
+    # buffer far faster than it writes through a Python file wrapper.
+    buffer = io.BytesIO()
+    with _without_zip_crc():
+        torch.save(state, buffer)
+    data = buffer.getbuffer()
+    sha256 = _write_and_hash(folder / STATE, data)
+    meta = {"step": step, "size": data.nbytes, "sha256": sha256, "weights_sha256": digest, "time": time.time()}
+    atomic_write(folder / MARKER, json.dumps(meta, indent=1).encode())
 
 
 def _point_latest(root: Path, final: Path) -> None:
@@ -228,36 +230,69 @@ def apply_retention(
     return removed
 
 
-class Saver:
-    """Writes checkpoints on the caller's thread; re-reads them and applies retention on a background thread.
+def stage(state: Any) -> Any:
+    """A host copy of every tensor in ``state`` (nested dicts, lists, tuples), for writing while training goes on.
 
-    Training stalls only for serialising, writing and fsyncing; the checksum read-back (hashlib releases the GIL)
-    overlaps the next steps. Retention runs only after that read-back, so it never removes the last verified
-    checkpoint in favour of one that is not; a failed read-back surfaces at the next ``save`` or ``close``.
+    Copying is a memcpy per tensor, several times faster than serialising and writing; the copy then belongs to
+    the writer, so the next steps can change the originals freely.
+    """
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, Mapping):
+        return {k: stage(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(stage(v) for v in state)
+    return state
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A checkpoint that is on disk and verified, with what it cost: ``stall_s`` in training, ``write_s`` behind."""
+
+    info: CheckpointInfo
+    stall_s: float
+    write_s: float
+
+
+class Saver:
+    """Stages a host copy of the state on the caller's thread; writes, verifies and prunes it on another.
+
+    Training stalls only for the copy (and for the previous checkpoint, if that one is still being written). The
+    write, fsync, rename and checksum read-back overlap the next steps; retention runs only after the read-back,
+    so it never removes the last verified checkpoint in favour of one that is not. A checkpoint counts once
+    ``wait`` or ``poll`` has returned it; a failed write or read-back raises CheckpointError there.
     """
 
     def __init__(self, root: Path, keep_last: int, keep_every: int | None = None) -> None:
         self.root = root
         self.keep_last = keep_last
         self.keep_every = keep_every
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-verify")
-        self._pending: Future[CheckpointInfo] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[Saved] | None = None
 
-    def save(self, step: int, state: dict[str, Any], digest: str) -> CheckpointInfo:
-        self.wait()
-        info = save(self.root, step, state, digest, deep_verify=False)
-        self._pending = self._pool.submit(self._verify_and_prune, info)
-        return info
+    def save(self, step: int, state: dict[str, Any], digest: str) -> Saved | None:
+        """Start checkpoint ``step``; returns the previous checkpoint if this call had to wait for it."""
+        t0 = time.perf_counter()
+        previous = self.wait()
+        staged = stage(state)
+        stall = time.perf_counter() - t0
+        self._pending = self._pool.submit(self._write, step, staged, digest, stall)
+        return previous
 
-    def _verify_and_prune(self, info: CheckpointInfo) -> CheckpointInfo:
-        checked = verify(info.path)
-        if not checked.valid:
-            raise CheckpointError(f"checkpoint {info.path} failed verification after writing: {checked.reason}")
+    def _write(self, step: int, state: dict[str, Any], digest: str, stall: float) -> Saved:
+        t0 = time.perf_counter()
+        info = save(self.root, step, state, digest, deep_verify=True)
         apply_retention(self.root, self.keep_last, self.keep_every, verified=info.path)
-        return checked
+        return Saved(info, stall, time.perf_counter() - t0)
 
-    def wait(self) -> CheckpointInfo | None:
-        """Block until the last checkpoint is verified and pruned; raise CheckpointError if it was not valid."""
+    def poll(self) -> Saved | None:
+        """The checkpoint written since the last call, if it is done; never blocks."""
+        if self._pending is None or not self._pending.done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Saved | None:
+        """Block until the checkpoint in flight is written and verified; raise CheckpointError if it failed."""
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 

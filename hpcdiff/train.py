@@ -215,8 +215,10 @@ def train(
         return _loop(job, run, ctx, parts, net, objective, loader, saver, stop, deadline, use_bf16, progress)
     except BaseException as e:
         if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt):
-            run.update_status(state="failed", error=f"{type(e).__name__}: {e}")
-            run.event("error", step=parts.step, error=f"{type(e).__name__}: {e}")
+            # Best effort: on a full disk this write fails too, and the error to report is the first one.
+            with contextlib.suppress(OSError):
+                run.update_status(state="failed", error=f"{type(e).__name__}: {e}")
+                run.event("error", step=parts.step, error=f"{type(e).__name__}: {e}")
         raise
     finally:
         stop.restore()
@@ -314,6 +316,8 @@ def _loop(
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
             elif parts.step % t_cfg.log_every == 0 or parts.step == t_cfg.steps:
                 log.info("step %d/%d loss %.5f lr %.2e", parts.step, t_cfg.steps, loss_mean, lr)
+            if saver is not None:
+                _record(run, saver.poll())
             if now - last_beat >= t_cfg.heartbeat_s:
                 run.update_status(heartbeat=time.time(), step=parts.step)
                 last_beat = now
@@ -325,7 +329,7 @@ def _loop(
             names = [n for n in ctx.all_gather_object(stop.signal_name) if n]
             why = names[0] if names else "time limit"
             if saver is not None:
-                saver.wait()
+                _record(run, saver.wait())
                 run.update_status(state="stopped", step=parts.step, heartbeat=time.time(), stop_reason=why)
                 run.event("signal", step=parts.step, reason=why)
             # Open MPI kills every rank when one exits non-zero: nobody leaves before rank 0 has written all.
@@ -337,7 +341,7 @@ def _loop(
     if bar is not None:
         bar.close()
     if saver is not None:
-        saver.wait()
+        _record(run, saver.wait())
         run.update_status(state="completed", step=parts.step, heartbeat=time.time())
         run.event("completed", step=parts.step)
     ctx.barrier()
@@ -372,11 +376,21 @@ def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir, saver: check
         # DDP keeps replicas bitwise equal; if they drift, a checkpoint of rank 0 would silently lose the others.
         raise RuntimeError(f"weights differ across ranks at step {parts.step}: {digests}")
     if saver is not None:
-        t0 = time.perf_counter()
-        info = saver.save(parts.step, _state(parts, job, ctx), digest)
-        stall = time.perf_counter() - t0
-        run.update_status(last_checkpoint=str(info.path), step=parts.step, weights_sha256=digest)
-        run.event("checkpoint", step=parts.step, path=str(info.path), seconds=round(stall, 4))
+        _record(run, saver.save(parts.step, _state(parts, job, ctx), digest))
+
+
+def _record(run: RunDir, saved: checkpoint.Saved | None) -> None:
+    """Status and event for a checkpoint once it is written and verified, with the stall it cost training."""
+    if saved is not None:
+        info = saved.info
+        run.update_status(last_checkpoint=str(info.path), weights_sha256=info.weights_sha256)
+        run.event(
+            "checkpoint",
+            step=info.step,
+            path=str(info.path),
+            seconds=round(saved.stall_s, 4),
+            write_seconds=round(saved.write_s, 4),
+        )
 
 
 def _progress_bar(start: int, total: int) -> Any:

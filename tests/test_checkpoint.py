@@ -29,6 +29,14 @@ def test_save_load_round_trip_restores_every_field(tmp_path):
     assert back["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
 
 
+def test_weights_digest_takes_0d_buffers():
+    bn = torch.nn.BatchNorm1d(3)  # num_batches_tracked is a 0-d int64 tensor
+    same = checkpoint.weights_sha256(bn.state_dict())
+    assert same == checkpoint.weights_sha256(torch.nn.BatchNorm1d(3).state_dict())
+    bn.num_batches_tracked += 1
+    assert checkpoint.weights_sha256(bn.state_dict()) != same
+
+
 def test_weights_digest_changes_with_one_bit_and_not_with_order():
     a = {"x": torch.zeros(3), "y": torch.ones(2)}
     b = {"y": torch.ones(2), "x": torch.zeros(3)}
@@ -86,3 +94,46 @@ def test_an_interrupted_write_leaves_no_checkpoint(tmp_path):
     assert not tmp.exists()
     meta = json.loads((tmp_path / "step-000000002" / "COMPLETE.json").read_text())
     assert meta["weights_sha256"] == digest2
+
+
+def test_saver_writes_the_state_as_it_was_when_save_returned(tmp_path):
+    """Training changes the weights in place right after save(): the background write must not see that."""
+    state, digest = _state(3)
+    before = {k: v.clone() for k, v in state["model"].items()}
+    saver = checkpoint.Saver(tmp_path, keep_last=2)
+    assert saver.save(3, state, digest) is None  # nothing was in flight
+    for t in state["model"].values():
+        t.add_(1.0)  # the next optimizer step
+    saved = saver.wait()
+    saver.close()
+    assert saved.info.valid and saved.info.step == 3 and saved.stall_s >= 0 and saved.write_s > 0
+    back = checkpoint.load(saved.info)
+    for k, v in before.items():
+        assert torch.equal(back["model"][k], v)
+    assert (tmp_path / "LATEST").read_text().strip() == "step-000000003"
+
+
+def test_saver_polls_without_blocking_and_prunes_after_verifying(tmp_path):
+    saver = checkpoint.Saver(tmp_path, keep_last=1)
+    for step in (1, 2, 3):
+        state, digest = _state(step)
+        saver.save(step, state, digest)
+    last = saver.wait()
+    assert saver.poll() is None  # nothing in flight any more
+    saver.close()
+    assert last.info.step == 3
+    assert [i.step for i in checkpoint.list_checkpoints(tmp_path)] == [3]
+
+
+def test_a_failed_background_write_is_raised_and_leaves_nothing(tmp_path):
+    saver = checkpoint.Saver(tmp_path, keep_last=2)
+    state, digest = _state(1)
+    saver.save(1, state, digest)
+    saver.wait()
+    bad = {**state, "hook": lambda: None}  # torch.save cannot pickle it: the write fails part-way
+    saver.save(2, bad, digest)
+    with pytest.raises(Exception, match="pickle"):
+        saver.wait()
+    saver.close()
+    assert [i.step for i in checkpoint.list_checkpoints(tmp_path)] == [1]
+    assert not list(tmp_path.glob(".step-*"))
