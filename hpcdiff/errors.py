@@ -5,10 +5,16 @@ Library code raises these; only ``cli.py`` turns them into exit codes, so every 
 
 from __future__ import annotations
 
+import errno
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 3
+EXIT_NO_SPACE = 74  # sysexits' EX_IOERR
 EXIT_REQUEUE = 75
+
+# A full disk, an exhausted quota, a file-size limit (ulimit -f): waiting or retrying does not help, freeing does.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class HpcdiffError(Exception):

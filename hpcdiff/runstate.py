@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from hpcdiff.atomic import atomic_write
+from hpcdiff.atomic import atomic_write, naming
 from hpcdiff.errors import RunLockedError
 
 State = Literal["pending", "running", "stopped", "completed", "failed"]
@@ -131,7 +131,8 @@ def _append(path: Path, row: dict[str, Any]) -> None:
     line = (json.dumps(row) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line)
+        with naming(path):
+            os.write(fd, line)
     finally:
         os.close(fd)
 

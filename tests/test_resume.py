@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.datagen import blob_shards, job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require_mpi, wait_for
+from tests.harness import HPCDIFF, PYTHON, assert_ok, child_env, hpcdiff, mpirun, require_mpi, wait_for
+from tests.harness import run as run_cmd
 
 pytestmark = pytest.mark.mpi
 
@@ -331,3 +332,42 @@ def test_wall_clock_interval_checkpoints_between_step_multiples(job, tmp_path):
     assert_ok(hpcdiff("train", job, "--run-dir", run, "--quiet", *sets))
     steps = [c["step"] for c in json.loads(hpcdiff("inspect", run, "--json").stdout)["checkpoints"]]
     assert sorted(steps) == [1, 2, 3, 4, 5]
+
+
+def test_a_full_disk_stops_with_exit_74_naming_the_file_and_keeps_the_last_checkpoint(job, tmp_path):
+    """A file-size limit (`ulimit -f`) fails the checkpoint write as a full disk or quota would (EFBIG/ENOSPC)."""
+    run = tmp_path / "run"
+    assert_ok(mpirun(2, [*HPCDIFF, "train", job, "--run-dir", run, "--quiet", "--set", "train.steps=3"], timeout=240))
+    first = run / "checkpoints" / "step-000000003"
+    assert (first / "COMPLETE.json").is_file()
+    # 512 KiB: room for logs and metrics, not for the ~2 MB checkpoint due at step 6.
+    # The limit applies to the ranks only: mpirun's own PMIx store needs more.
+    limited = ["bash", "-c", 'ulimit -f 512 && exec "$@"', "limited", *HPCDIFF]
+    argv = ["train", job, "--run-dir", run, "--quiet", "--allow-config-change"]
+    proc = mpirun(2, [*limited, *argv], timeout=240)
+    assert proc.returncode == 74, proc.stdout + proc.stderr
+    assert "File too large writing" in proc.stderr and str(run / "checkpoints") in proc.stderr
+    assert "Free space on that file system" in proc.stderr
+    assert [c.name for c in (run / "checkpoints").iterdir() if c.name.startswith("step-")] == [first.name]
+    assert not list((run / "checkpoints").glob(".step-*")), "the failed write must not leave a partial folder"
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    # Space freed (no limit): the same command resumes from step 3 and finishes.
+    assert_ok(mpirun(2, [*HPCDIFF, "train", job, "--run-dir", run, "--quiet"], timeout=240))
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "restart"][-1] == 3
+    assert _outcome(run)["step"] == STEPS
+
+
+def test_supervisor_does_not_rerun_what_a_rerun_cannot_fix(tmp_path):
+    """Exit 3 (bad data) is final: no restarts, no back-off, the status says failed."""
+    job = job_yaml(tmp_path / "job.yaml", tmp_path / "no shards here")
+    run = tmp_path / "run"
+    proc = run_cmd(
+        [PYTHON, "-m", "hpcdiff.launch.local", "--run-dir", run, "--ranks", "1", "--max-restarts", "3", job],
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    gave_up = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["restarts"] for e in gave_up if e["event"] == "supervisor_gave_up"] == [0]
+    assert "restart" not in {e["event"] for e in gave_up}
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"

@@ -1,7 +1,8 @@
 """The ``hpcdiff`` command: one sub-command per job; each parses, validates and calls one library function.
 
 Nothing below this module knows the command line. Library exceptions become the exit codes of DESIGN.md:
-0 done, 2 usage or config error, 3 bad input data, 75 stopped on a signal after a checkpoint (requeue me).
+0 done, 2 usage or config error, 3 bad input data, 74 out of disk space (or quota, or ``ulimit -f``), 75 stopped on
+a signal after a checkpoint (requeue me).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, ad
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
-from hpcdiff.errors import EXIT_REQUEUE, HpcdiffError
+from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, NO_SPACE_ERRNOS, HpcdiffError
 
 log = logging.getLogger("hpcdiff")
 
@@ -69,6 +70,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HpcdiffError as e:
         print(f"hpcdiff {args.command}: error: {e}", file=sys.stderr)
         code, shared = e.exit_code, e.on_every_rank
+    except OSError as e:
+        if e.errno not in NO_SPACE_ERRNOS:
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"hpcdiff {args.command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
+            "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
+            "the same command again: finished results are kept and it goes on from where it stopped.",
+            file=sys.stderr,
+        )
+        code = EXIT_NO_SPACE
     except KeyboardInterrupt:
         code = 130
     if code not in (0, EXIT_REQUEUE) and not shared:

@@ -2,7 +2,8 @@
 
 ``submit --backend local`` starts this module as a new session (``setsid``), so closing the SSH session or
 killing the submitting shell leaves it running. It reruns the same ``hpcdiff train`` command line after a crash
-or a clean stop (exit 75); training itself resumes from the newest valid checkpoint. Everything it knows goes
+or a clean stop (exit 75), not after exit 2, 3 or 74, which a rerun cannot fix; training itself resumes from the
+newest valid checkpoint. Everything it knows goes
 into the run directory, so ``hpcdiff status`` needs no live process.
 """
 
@@ -20,13 +21,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcdiff.errors import EXIT_REQUEUE, RunLockedError, UsageError
+from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, RunLockedError, UsageError
 from hpcdiff.runstate import RunDir
 
 log = logging.getLogger("hpcdiff.supervisor")
 
 # Open MPI refuses to run as root, or more ranks than cores, unless told; both are normal on a workstation.
 _MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+# A bad config, bad data or a full disk fails the same way every time: rerunning only burns the restarts.
+_NO_RETRY = frozenset({EXIT_USAGE, EXIT_BAD_DATA, EXIT_NO_SPACE})
 
 
 def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
@@ -116,6 +119,10 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
             run.update_status(state="stopped", supervisor_last_exit=rc)
             run.event("supervisor_stopped", exit=rc)
             return EXIT_REQUEUE if rc == EXIT_REQUEUE else rc
+        if rc in _NO_RETRY:
+            run.update_status(state="failed", supervisor_last_exit=rc)
+            run.event("supervisor_gave_up", exit=rc, restarts=restarts, reason="a rerun cannot fix this")
+            return rc
         if restarts >= max_restarts:
             run.update_status(state="failed", supervisor_last_exit=rc, error=f"gave up after {restarts} restarts")
             run.event("supervisor_gave_up", exit=rc, restarts=restarts)

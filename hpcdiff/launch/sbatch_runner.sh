@@ -37,8 +37,8 @@ case "$rc" in
     record exit 0
     exit 0
     ;;
-  2 | 3)
-    echo "[hpcdiff] step refused its configuration or data (exit $rc): not retrying; see the messages above"
+  2 | 3 | 74)
+    echo "[hpcdiff] step refused its configuration or data, or ran out of disk space (exit $rc): not retrying; see the messages above"
     record exit "$rc"
     exit "$rc"
     ;;
