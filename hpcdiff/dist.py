@@ -210,14 +210,14 @@ def exit_process(code: int) -> NoReturn:
     DistributedDataParallel keeps gloo's process group alive past ``destroy_process_group`` (its worker threads
     are never joined). A worker thread that releases a tensor after Python has begun to finalize cannot take the
     GIL and aborts the process (SIGABRT, exit 134): a finished job would be reported as crashed. So, after an
-    orderly teardown (logs and streams flushed, our threads joined, MPI finalized), the process ends at once.
-    Everything on disk is complete by then: writers close their files and fsync before returning.
+    orderly teardown (threads joined as at a normal exit, logs and streams flushed, MPI finalized), the process
+    ends at once. Everything on disk is complete by then: writers close their files and fsync before returning.
     """
     if not _process_group_started:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # What Python runs first at exit: the hooks that let idle executor workers quit, then joins of the
+    # non-daemon threads (a checkpoint writer finishing its file). Only the finalization after it is skipped.
+    threading._shutdown()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe must not change the exit code

@@ -1,7 +1,7 @@
 """Worker: a DDP step, then the hpcdiff exit path with work still pending in other places.
 
-Leaves through ``dist.exit_process(CODE)`` with a log line, an unflushed print and a non-daemon thread still
-writing, so the test can check that skipping Python's finalization loses none of them.
+Leaves through ``dist.exit_process(CODE)`` with a log line, an unflushed print, a non-daemon thread still
+writing and an idle thread pool, so the test can check that skipping Python's finalization loses none of them.
 Usage: exit_after_ddp.py OUT_DIR CODE
 """
 
@@ -9,6 +9,7 @@ import logging
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ def late_writer() -> None:
 
 
 threading.Thread(target=late_writer).start()
+idle = ThreadPoolExecutor(max_workers=1)  # never shut down: its idle worker must not hold the exit up
+idle.submit(lambda: None).result()
 logging.getLogger("worker").info("rank %d logged before exit", ctx.rank)
 print(f"rank {ctx.rank} printed before exit")  # no flush: exit_process must flush it
 ctx.close()
