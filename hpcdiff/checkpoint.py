@@ -260,7 +260,8 @@ class Saver:
     Training stalls only for the copy (and for the previous checkpoint, if that one is still being written). The
     write, fsync, rename and checksum read-back overlap the next steps; retention runs only after the read-back,
     so it never removes the last verified checkpoint in favour of one that is not. A checkpoint counts once
-    ``wait`` or ``poll`` has returned it; a failed write or read-back raises CheckpointError there.
+    ``wait`` or ``poll`` has returned it; a failed write (OSError: a full disk) or read-back (CheckpointError)
+    is raised there.
     """
 
     def __init__(self, root: Path, keep_last: int, keep_every: int | None = None) -> None:
@@ -292,7 +293,7 @@ class Saver:
         return self.wait()
 
     def wait(self) -> Saved | None:
-        """Block until the checkpoint in flight is written and verified; raise CheckpointError if it failed."""
+        """Block until the checkpoint in flight is written and verified; raise its error if it failed."""
         pending, self._pending = self._pending, None
         return pending.result() if pending is not None else None
 
