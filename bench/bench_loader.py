@@ -2,8 +2,9 @@
 
 All numbers come from one run on one machine, page cache warm (each reader runs once untimed first):
   raw      np.fromfile of one flat float16 copy of every volume (the bytes the loader must deliver)
-  loader   hpcdiff Loader, 3d mode, float32 batches, prefetch thread, one rank
-  nibabel  nib.load(...).get_fdata() of the cohort's .nii.gz files, the common baseline
+  loader   hpcdiff Loader, 3d mode, float16 batches as stored (the training step converts them on its
+           device), prefetch thread, one rank
+  nibabel  nib.load(...).get_fdata(dtype=float32) of the cohort's .nii.gz files, the common baseline
 Ingest is timed at 1 and 2 ranks (mpirun) over the same cohort.
 
     .venv/bin/python bench/bench_loader.py --subjects 64 --shape 96 112 96
@@ -84,7 +85,7 @@ def main() -> None:
     def read_raw() -> None:
         for i in range(0, n, args.batch):
             count = min(args.batch, n - i) * volume_bytes // 2
-            np.fromfile(raw, dtype=np.float16, count=count, offset=i * volume_bytes).astype(np.float32)
+            np.fromfile(raw, dtype=np.float16, count=count, offset=i * volume_bytes)
 
     steps = n // args.batch
 

@@ -82,7 +82,7 @@ def test_real_loader_ranks_together_see_each_subject_once_per_epoch(shard_dir, w
         for r in range(world_size):
             batch = per_rank[r][k]
             assert batch.position == k * world_size * b + r * b
-            assert batch.x.shape == (b, 1, *SHAPE) and batch.x.dtype == torch.float32
+            assert batch.x.shape == (b, 1, *SHAPE) and batch.x.dtype == torch.float16
             # The volume really is the subject the index says.
             np.testing.assert_array_equal(batch.x[:, 0, 0, 0, 0].numpy(), batch.indices.numpy())
             np.testing.assert_array_equal(batch.covariates["age"].numpy(), batch.indices.numpy() + 40.0)

@@ -70,7 +70,7 @@ def slice_indices(size: int, seed: int, positions: np.ndarray, slice_range: tupl
 class Batch:
     """One rank's share of one step."""
 
-    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode, (b, 1, *two remaining axes) in 2d mode, float32
+    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode, (b, 1, *two remaining axes) in 2d mode, float16 as stored
     covariates: dict[str, torch.Tensor]  # continuous: float32 raw values; categorical: int64 level index
     indices: torch.Tensor  # (b,) int64 global subject ids
     position: int  # stream position of this batch's first sample
@@ -163,7 +163,7 @@ class Loader:
                 selection = tuple(int(s) if a == axis else slice(None) for a in range(3))
                 self.shards.read_into(int(index), buf[i, 0], selection)
         return Batch(
-            x=torch.from_numpy(buf).float(),
+            x=torch.from_numpy(buf),
             covariates={name: torch.from_numpy(col[indices]) for name, col in self._table.items()},
             indices=torch.from_numpy(indices),
             position=first,
