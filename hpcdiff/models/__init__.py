@@ -5,8 +5,9 @@ Nothing here knows about files, ranks or clusters (no torch.distributed, MPI, HD
 
 from hpcdiff.models.conditioning import CovariateEmbedding, CovariateSpec, covariate_specs
 from hpcdiff.models.diffusion import DDPM, cosine_betas, linear_betas
+from hpcdiff.models.factory import build_objective
 from hpcdiff.models.flow import CondOTPath, FlowMatching
-from hpcdiff.models.objective import Objective, ObjectiveConfig, build_objective
+from hpcdiff.models.objective import Objective, ObjectiveConfig
 from hpcdiff.models.unet import UNet, UNetConfig
 
 __all__ = [

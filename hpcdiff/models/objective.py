@@ -184,17 +184,3 @@ def warn_unused_guidance(covariates: Covariates | None, guidance: float) -> None
     """Guidance needs covariates; say so rather than silently sampling unguided."""
     if guidance != 1.0 and covariates is None:
         log.warning("guidance=%s is ignored: no covariates were given, sampling unconditionally", guidance)
-
-
-def build_objective(cfg: ObjectiveConfig) -> Objective:
-    """The objective named by ``cfg.kind``."""
-    from hpcdiff.models.diffusion import DDPM
-    from hpcdiff.models.flow import FlowMatching
-
-    if cfg.kind == "flow":
-        defaults = ObjectiveConfig(kind="flow")
-        ignored = [k for k in ("schedule", "prediction", "num_timesteps") if getattr(cfg, k) != getattr(defaults, k)]
-        if ignored:
-            log.warning("objective.%s ignored: flow matching has no noise schedule", ", objective.".join(ignored))
-        return FlowMatching()
-    return DDPM(schedule=cfg.schedule, prediction=cfg.prediction, num_timesteps=cfg.num_timesteps)
