@@ -66,12 +66,13 @@ def test_preview_set_spans_age_and_sex():
     assert preview_set(schema, 4, seed=2).seeds != a.seeds
 
 
-def test_tensorboard_and_previews_survive_a_kill_and_leave_training_unchanged(shards, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    plain = job_yaml(tmp_path / "plain.yaml", shards, train={**TRAIN, "tensorboard": False, "preview_every": None})
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory) -> dict[str, Path]:
+    """A plain run (no TensorBoard, no previews) and a watched one that is SIGKILLed at step 6 and resumed."""
+    tmp = tmp_path_factory.mktemp("watch runs")
+    plain = job_yaml(tmp / "plain.yaml", shards, train={**TRAIN, "tensorboard": False, "preview_every": None})
     watched = job_yaml(
-        tmp_path / "watched.yaml",
+        tmp / "watched.yaml",
         shards,
         # heartbeat_s 0 flushes TensorBoard every step, so the killed run leaves steps past its checkpoint on disk.
         train={
@@ -83,11 +84,9 @@ def test_tensorboard_and_previews_survive_a_kill_and_leave_training_unchanged(sh
             "heartbeat_s": 0.0,
         },
     )
-    reference = tmp_path / "plain"
+    reference = tmp / "plain"
     assert_ok(hpcdiff("train", plain, "--run-dir", reference, "--quiet", timeout=300))
-    assert not (reference / "tensorboard").exists() and not (reference / "previews").exists()
-
-    run = tmp_path / "watched"
+    run = tmp / "watched"
     cmd = [*HPCDIFF, "train", str(watched), "--run-dir", str(run), "--quiet"]
     proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -102,6 +101,14 @@ def test_tensorboard_and_previews_survive_a_kill_and_leave_training_unchanged(sh
     assert_ok(hpcdiff("train", watched, "--run-dir", run, "--quiet", timeout=300))
     restart = [e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "restart"]
     assert len(restart) == 1 and restart[0]["step"] < killed_at, (restart, killed_at)
+    return {"plain": reference, "watched": run}
+
+
+def test_tensorboard_and_previews_survive_a_kill_and_leave_training_unchanged(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    reference, run = runs["plain"], runs["watched"]
+    assert not (reference / "tensorboard").exists() and not (reference / "previews").exists()
 
     # The training stream is the one without TensorBoard and previews, through a kill and a resume.
     assert _digest(run) == _digest(reference)
@@ -127,3 +134,37 @@ def test_tensorboard_and_previews_survive_a_kill_and_leave_training_unchanged(sh
     assert previews == [f"step-{s:07d}.png" for s in (4, 8, 12, 16)]
     assert all((run / "previews" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in previews)
     assert [e.step for e in acc.Images("preview/ema")] == [4, 8, 12, 16]
+
+
+def test_report_shows_the_restart_checkpoints_and_newest_preview(runs, tmp_path):
+    run = runs["watched"]
+    proc = hpcdiff("report", run, "--out", tmp_path / "page")
+    assert_ok(proc)
+    data = json.loads((tmp_path / "page" / "report.json").read_text())
+    restart = next(
+        e for e in map(json.loads, (run / "events.jsonl").read_text().splitlines()) if e["event"] == "restart"
+    )
+    assert [(m["kind"], m["step"]) for m in data["restarts"]] == [("restart", restart["step"])]
+    assert data["series"]["step"] == list(range(1, STEPS + 1))
+    assert data["series"]["loss"] == [_losses(run)[s] for s in range(1, STEPS + 1)]
+    assert all(t is not None and t > 0 for t in data["series"]["step_s"])
+    assert {4, 8, 12, 16} <= set(data["checkpoints"])
+    assert data["newest_preview"] == str(run / "previews" / "step-0000016.png")
+    assert data["state"] == "completed" and data["step"] == STEPS
+    assert (tmp_path / "page" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "page" / "report.html").read_text()
+    assert 'src="report.png"' in page and f"restart at step {restart['step']}" in page
+
+
+def test_status_of_several_runs_prints_one_line_each(runs, tmp_path):
+    proc = hpcdiff("status", runs["plain"], runs["watched"])
+    assert_ok(proc)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for line, run in zip(lines, (runs["plain"], runs["watched"])):
+        assert line.startswith(str(run)) and "completed" in line and f"step {STEPS}/{STEPS}" in line
+        assert "checkpoint" in line and "heartbeat" in line and "job -" in line
+    proc = hpcdiff("status", runs["plain"], tmp_path, "--json")
+    assert proc.returncode == 2, "a folder that is no run makes the exit code 2, after every run is listed"
+    listed = json.loads(proc.stdout)
+    assert listed[0]["state"] == "completed" and "not a run directory" in listed[1]["error"]
