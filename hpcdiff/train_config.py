@@ -93,7 +93,7 @@ class LoopConfig:
     tensorboard: bool | Literal["auto"] = "auto"
     """Log scalars and previews to RUN/tensorboard/; auto: when the tensorboard package is installed."""
     preview_every: int | None = 1000
-    """Draw the preview set from the EMA weights every this many steps (and at the last); null disables it."""
+    """Draw the preview set from the EMA weights every this many steps; null disables it."""
     preview_subjects: int = 8
     """Subjects in the preview set (fixed noise, covariates spanning their trained range)."""
     preview_sampler_steps: int = 10

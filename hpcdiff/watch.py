@@ -31,20 +31,15 @@ class Watch:
         board: tensorboard_log.Board | None = None,
         previewer: Previewer | None = None,
         preview_every: int | None = None,
-        total_steps: int = 0,
     ) -> None:
         self.run, self.board, self.previewer = run, board or tensorboard_log.Board(None), previewer
-        self.preview_every, self.total_steps = preview_every, total_steps
+        self.preview_every = preview_every
 
     def after_step(self, row: dict[str, Any]) -> None:
-        """Log a metrics row; draw a preview when its step is due (every ``preview_every`` and the last)."""
+        """Log a metrics row; draw a preview when its step is a multiple of ``preview_every``."""
         self.board.metrics(row)
         step = int(row["step"])
-        if (
-            self.previewer is not None
-            and self.preview_every
-            and (step % self.preview_every == 0 or step == self.total_steps)
-        ):
+        if self.previewer is not None and self.preview_every and step % self.preview_every == 0:
             self._preview(step)
 
     def before_checkpoint(self) -> None:
@@ -112,4 +107,4 @@ def open_watch(
             seed=t.seed,
             device=device,
         )
-    return Watch(run, board, previewer, t.preview_every, t.steps)
+    return Watch(run, board, previewer, t.preview_every)
