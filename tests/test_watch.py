@@ -7,11 +7,16 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from hpcdiff import tensorboard_log
+from hpcdiff.config import to_dict
+from hpcdiff.errors import ConfigError
 from hpcdiff.preview import preview_set
+from hpcdiff.train_config import LoopConfig
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, wait_for
 
@@ -64,6 +69,15 @@ def test_preview_set_spans_age_and_sex():
     assert a.labels == ["40 F", "53 M", "67 F", "80 M"]
     assert a.seeds == b.seeds and len(set(a.seeds)) == 4, "fixed noise, one seed per subject"
     assert preview_set(schema, 4, seed=2).seeds != a.seeds
+
+
+def test_tensorboard_auto_is_frozen_as_auto_and_true_needs_the_package(monkeypatch):
+    assert to_dict(LoopConfig(steps=1))["tensorboard"] == "auto"
+    assert tensorboard_log.resolve("auto") is True  # the test extra installs tensorboard
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as on a machine without it
+    assert tensorboard_log.resolve("auto") is False and tensorboard_log.resolve(False) is False
+    with pytest.raises(ConfigError, match=r"train.tensorboard is true .* pip install tensorboard"):
+        tensorboard_log.resolve(True)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +178,20 @@ def test_status_of_several_runs_prints_one_line_each(runs, tmp_path):
     for line, run in zip(lines, (runs["plain"], runs["watched"])):
         assert line.startswith(str(run)) and "completed" in line and f"step {STEPS}/{STEPS}" in line
         assert "checkpoint" in line and "heartbeat" in line and "job -" in line
-    proc = hpcdiff("status", runs["plain"], tmp_path, "--json")
+    # A pipeline folder among runs keeps its meaning: one line of its stages, from its own records.
+    pipe = tmp_path / "pipeline"
+    pipe.mkdir()
+    stages = [{"name": n, "job_id": j, "array": None} for n, j in (("train", "990001"), ("sample", "990002"))]
+    (pipe / "pipeline.json").write_text(json.dumps({"dir": str(pipe), "submitted": 0, "stages": stages}))
+    log = [
+        {"stage": "train", "task": "", "event": "exit", "rc": "0"},
+        {"stage": "sample", "task": "", "event": "start"},
+    ]
+    (pipe / "stages.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    proc = hpcdiff("status", runs["watched"], pipe)
+    assert_ok(proc)
+    assert proc.stdout.splitlines()[1] == f"{pipe}  pipeline  train completed, sample running"
+    proc = hpcdiff("status", runs["plain"], tmp_path / "nothing", "--json")
     assert proc.returncode == 2, "a folder that is no run makes the exit code 2, after every run is listed"
     listed = json.loads(proc.stdout)
     assert listed[0]["state"] == "completed" and "not a run directory" in listed[1]["error"]
