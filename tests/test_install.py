@@ -60,14 +60,17 @@ def test_wheel_installs_into_a_fresh_venv_and_doctor_runs(wheel, tmp_path):
     venv = tmp_path / "fresh venv"
     assert_ok(run([PYTHON, "-m", "venv", "--without-pip", venv]))
     (site,) = (venv / "lib").glob("python*/site-packages")
-    (site / "deps-of-the-test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # The tests put the checkout first on the path, and `python -c` puts the working directory there: the venv
+    # must see neither.
+    env, cwd = {"PYTHONPATH": ""}, tmp_path
     pip = [PYTHON, "-m", "pip", "--python", venv / "bin" / "python", "install", "--no-deps", "--no-index", path]
-    assert_ok(run(pip, timeout=300))
-    env = {"PYTHONPATH": ""}  # the tests put the checkout first on the path; the venv must not see it
-    where = run([venv / "bin" / "python", "-c", "import hpcdiff; print(hpcdiff.__file__)"], env=env)
+    assert_ok(run(pip, env=env, cwd=cwd, timeout=300))
+    # After the install: this venv's site-packages holds an editable hpcdiff that pip would take as installed.
+    (site / "deps-of-the-test-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    where = run([venv / "bin" / "python", "-c", "import hpcdiff; print(hpcdiff.__file__)"], env=env, cwd=cwd)
     assert_ok(where)
     assert where.stdout.strip().startswith(str(site)), where.stdout
-    doctor = run([venv / "bin" / "hpcdiff", "doctor"], env=env, timeout=180)
+    doctor = run([venv / "bin" / "hpcdiff", "doctor"], env=env, cwd=cwd, timeout=180)
     assert_ok(doctor)
     assert "hpcdiff" in doctor.stdout
 
