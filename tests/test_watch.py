@@ -170,6 +170,27 @@ def test_report_shows_the_restart_checkpoints_and_newest_preview(runs, tmp_path)
     assert 'src="report.png"' in page and f"restart at step {restart['step']}" in page
 
 
+def test_report_marks_a_restart_after_a_clean_stop_as_a_requeue():
+    from hpcdiff.report_page import _marks
+
+    events = [
+        {"event": "start", "step": 0},
+        {"event": "checkpoint", "step": 4, "seconds": 0.01},
+        {"event": "signal", "step": 5, "reason": "SIGUSR1"},
+        {"event": "restart", "exit": 75, "restart": 1, "by": "supervisor"},  # no step: not a mark
+        {"event": "restart", "step": 5, "world_size": 2},
+        {"event": "error", "step": 7, "error": "FloatingPointError: loss is nan"},
+        {"event": "restart", "step": 4, "world_size": 2},
+    ]
+    assert [(m["kind"], m["step"]) for m in _marks(events)] == [
+        ("checkpoint", 4),
+        ("signal", 5),
+        ("requeue", 5),
+        ("error", 7),
+        ("restart", 4),
+    ]
+
+
 def test_status_of_several_runs_prints_one_line_each(runs, tmp_path):
     proc = hpcdiff("status", runs["plain"], runs["watched"])
     assert_ok(proc)
