@@ -3,7 +3,9 @@
 Both train the same UNet with AdamW and the flow-matching loss on the same batch size. The plain loop keeps its
 data in memory and does nothing else; ``hpcdiff train`` reads shards through the loader, seeds per-sample noise,
 keeps an EMA, logs every step, writes heartbeats and agrees on stop flags. The ratio is the framework overhead.
-Then samples/s of ``hpcdiff train`` at 1 and 2 MPI ranks.
+Then samples/s of ``hpcdiff train`` at 1 and 2 MPI ranks, and the cost of a preview (the EMA model drawing the
+preview set, rendering and writing its montage: the job previews at its last step, after the last logged
+timestamp) as a share of the training time between two previews at the default ``train.preview_every``.
 
     .venv/bin/python bench/bench_train.py [--steps 60] [--repeats 3] [--batch 8] [--mode 2d]
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 from hpcdiff.config import build  # noqa: E402
 from hpcdiff.data.shards import ShardSet  # noqa: E402
 from hpcdiff.models import FlowMatching, UNet, UNetConfig  # noqa: E402
+from hpcdiff.train_config import LoopConfig  # noqa: E402
 
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
@@ -54,8 +57,8 @@ def plain_loop(shards: Path, model_cfg: dict, batch: int, steps: int, mode: str)
     return statistics.median(times[len(times) // 5 :])
 
 
-def hpcdiff_train(job: Path, run: Path, ranks: int) -> tuple[float, float]:
-    """Seconds per step and samples/s of ``hpcdiff train``, from the timestamps it logs (start-up excluded)."""
+def hpcdiff_train(job: Path, run: Path, ranks: int) -> tuple[float, float, float]:
+    """Seconds per step, samples/s and seconds of the last-step preview of ``hpcdiff train``, from what it logs."""
     cmd = [sys.executable, "-m", "hpcdiff", "train", str(job), "--run-dir", str(run), "--quiet"]
     if ranks > 1:
         cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *cmd]
@@ -63,7 +66,9 @@ def hpcdiff_train(job: Path, run: Path, ranks: int) -> tuple[float, float]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     stamps = [r["time"] for r in rows[len(rows) // 5 :]]
     per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
-    return per_step, rows[0]["world_size"] * yaml.safe_load(job.read_text())["data"]["batch_size"] / per_step
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    preview_s = next(e["seconds"] for e in events if e["event"] == "preview")
+    return per_step, rows[0]["world_size"] * yaml.safe_load(job.read_text())["data"]["batch_size"] / per_step, preview_s
 
 
 def main() -> None:
@@ -103,6 +108,7 @@ def main() -> None:
                 "checkpoint_every": 10 * args.steps,
                 "cond_drop_prob": 0.0,
                 "log_every": args.steps,
+                "preview_every": args.steps,
             },
         }
         job_file = tmp / "job.yaml"
@@ -110,13 +116,14 @@ def main() -> None:
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
         # Alternate the two, several times, and keep each one's best: the machine is shared and noisy.
-        bases, ours_runs, sps1s, sps2s = [], [], [], []
+        bases, ours_runs, sps1s, sps2s, previews = [], [], [], [], []
         for r in range(args.repeats):
             bases.append(plain_loop(tmp / "shards", model_cfg, args.batch, args.steps, args.mode))
-            ours, sps1 = hpcdiff_train(job_file, tmp / f"run1-{r}", 1)
+            ours, sps1, preview_s = hpcdiff_train(job_file, tmp / f"run1-{r}", 1)
             # 2 ranks x batch b each: the global batch doubles, as it does when a user adds ranks.
-            _, sps2 = hpcdiff_train(job_file, tmp / f"run2-{r}", 2)
+            _, sps2, _ = hpcdiff_train(job_file, tmp / f"run2-{r}", 2)
             ours_runs.append(ours)
+            previews.append(preview_s)
             sps1s.append(sps1)
             sps2s.append(sps2)
         base, ours, sps1, sps2 = min(bases), min(ours_runs), max(sps1s), max(sps2s)
@@ -125,6 +132,12 @@ def main() -> None:
     print(f"plain PyTorch loop      {base * 1e3:8.1f} ms/step")
     print(f"hpcdiff train, 1 rank   {ours * 1e3:8.1f} ms/step   overhead {100 * (ours / base - 1):+.1f}%")
     print(f"samples/s  1 rank {sps1:7.1f}   2 ranks {sps2:7.1f}   ratio {sps2 / sps1:.2f}x")
+    loop = LoopConfig(steps=1)
+    every, preview = loop.preview_every or 1, min(previews)
+    print(
+        f"preview ({loop.preview_subjects} subjects, {loop.preview_sampler_steps} sampler steps) {preview:.2f} s"
+        f" = {100 * preview / (preview + every * ours):.2f}% of training time at train.preview_every={every}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ def read_status(path: Path) -> dict[str, Any]:
     latest = checkpoint.latest_valid(run.checkpoints)
     status["latest_valid_checkpoint"] = str(latest.path) if latest else None
     status["latest_valid_step"] = latest.step if latest else None
+    if latest is not None:
+        # The folder is renamed into place once written: its mtime is when the checkpoint was made.
+        status["checkpoint_age_s"] = round(time.time() - latest.path.stat().st_mtime, 1)
     status.setdefault("state", "pending")
     status["run_dir"] = str(run.root)
     if status.get("backend") == "slurm" and status.get("job_ids"):
@@ -64,6 +67,27 @@ def describe_status(status: dict[str, Any]) -> str:
     if status.get("error"):
         lines.append(f"error      {status['error']}")
     return "\n".join(lines)
+
+
+def age(seconds: float | None) -> str:
+    """A short age for one-line summaries: 42s, 7m, 5h, 3d (or - when unknown)."""
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """One line of a run: state, step, last checkpoint age, heartbeat age, newest job id."""
+    state = status["state"] + (f" ({status['stop_reason']})" if status.get("stop_reason") else "")
+    step = f"{status.get('step', 0)}/{status.get('total_steps', '?')}"
+    job = str(status["job_ids"][-1]) if status.get("job_ids") else "-"
+    return (
+        f"{status['run_dir']}  {state:<10s} step {step:<13s} checkpoint {age(status.get('checkpoint_age_s')):>4s} ago"
+        f"  heartbeat {age(status.get('heartbeat_age_s')):>4s} ago  job {job}"
+    )
 
 
 def print_logs(path: Path, rank: int = 0, follow: bool = False, poll_s: float = 0.5) -> int:

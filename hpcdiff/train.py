@@ -32,6 +32,7 @@ from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, bui
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
 from hpcdiff.train_config import JobConfig, job_to_dict
+from hpcdiff.watch import Watch, open_watch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -193,6 +194,17 @@ def train(
             run.update_status(state="completed")
         return 0
 
+    watch = open_watch(
+        job,
+        run,
+        ctx.is_main,
+        parts.step,
+        ema=ema,
+        objective=objective,
+        schema=parts.covariate_schema,
+        grid_shape=shards.grid["shape"],
+        device=device,
+    )
     net: torch.nn.Module = DistributedDataParallel(model) if ctx.distributed else model
     cpu_bf16 = job.train.precision == "bf16" and device.type != "cuda"
     if cpu_bf16:
@@ -212,7 +224,7 @@ def train(
     saver = checkpoint.Saver(run.checkpoints, job.train.keep_last, job.train.keep_every) if ctx.is_main else None
     stop = StopFlag().install()
     try:
-        return _loop(job, run, ctx, parts, net, objective, loader, saver, stop, deadline, use_bf16, progress)
+        return _loop(job, run, ctx, parts, net, objective, loader, saver, watch, stop, deadline, use_bf16, progress)
     except BaseException as e:
         if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt):
             # Best effort: on a full disk this write fails too, and the error to report is the first one.
@@ -222,6 +234,7 @@ def train(
         raise
     finally:
         stop.restore()
+        watch.close()
         if saver is not None:
             saver.close()
         loader.close()
@@ -239,6 +252,7 @@ def _loop(
     objective: Any,
     loader: Loader,
     saver: checkpoint.Saver | None,
+    watch: Watch,
     stop: StopFlag,
     deadline: float | None,
     use_bf16: bool,
@@ -284,7 +298,9 @@ def _loop(
         if not torch.isfinite(loss_sum):
             raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
         if o_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parts.model.parameters() if p.grad is not None])
         parts.optimizer.step()
         ema.update(step)
         parts.step = step + 1
@@ -307,30 +323,35 @@ def _loop(
                 "position": step_position,
                 "world_size": ctx.world_size,
                 "lr": lr,
+                "grad_norm": grad_norm.item(),
                 "samples_per_s": global_batch * o_cfg.grad_accum / elapsed,
+                "step_s": elapsed,
                 "data_wait_s": data_wait,
                 "time": time.time(),
             }
             run.metric(row)
+            watch.after_step(row)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_mean:.4f}")
             elif parts.step % t_cfg.log_every == 0 or parts.step == t_cfg.steps:
                 log.info("step %d/%d loss %.5f lr %.2e", parts.step, t_cfg.steps, loss_mean, lr)
             if saver is not None:
-                _record(run, saver.poll())
+                _record(run, saver.poll(), watch)
             if now - last_beat >= t_cfg.heartbeat_s:
                 run.update_status(heartbeat=time.time(), step=parts.step)
+                watch.flush()
                 last_beat = now
         due = parts.step % t_cfg.checkpoint_every == 0 or parts.step == t_cfg.steps
         if due or stopping or agreed[1]:
-            _save(parts, job, ctx, run, saver)
+            watch.before_checkpoint()
+            _save(parts, job, ctx, run, saver, watch)
             last_ckpt = time.monotonic()
         if stopping:
             names = [n for n in ctx.all_gather_object(stop.signal_name) if n]
             why = names[0] if names else "time limit"
             if saver is not None:
-                _record(run, saver.wait())
+                _record(run, saver.wait(), watch)
                 run.update_status(state="stopped", step=parts.step, heartbeat=time.time(), stop_reason=why)
                 run.event("signal", step=parts.step, reason=why)
             # Open MPI kills every rank when one exits non-zero: nobody leaves before rank 0 has written all.
@@ -342,7 +363,7 @@ def _loop(
     if bar is not None:
         bar.close()
     if saver is not None:
-        _record(run, saver.wait())
+        _record(run, saver.wait(), watch)
         run.update_status(state="completed", step=parts.step, heartbeat=time.time())
         run.event("completed", step=parts.step)
     ctx.barrier()
@@ -369,7 +390,9 @@ class _EMA:
             e.copy_(b)
 
 
-def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir, saver: checkpoint.Saver | None) -> None:
+def _save(
+    parts: _Parts, job: JobConfig, ctx: Context, run: RunDir, saver: checkpoint.Saver | None, watch: Watch
+) -> None:
     """Rank 0 writes (replicas are checked bitwise equal first); the others go on with the next step."""
     digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
     digests = ctx.all_gather_object(digest)
@@ -377,11 +400,12 @@ def _save(parts: _Parts, job: JobConfig, ctx: Context, run: RunDir, saver: check
         # DDP keeps replicas bitwise equal; if they drift, a checkpoint of rank 0 would silently lose the others.
         raise RuntimeError(f"weights differ across ranks at step {parts.step}: {digests}")
     if saver is not None:
-        _record(run, saver.save(parts.step, _state(parts, job, ctx), digest))
+        _record(run, saver.save(parts.step, _state(parts, job, ctx), digest), watch)
 
 
-def _record(run: RunDir, saved: checkpoint.Saved | None) -> None:
+def _record(run: RunDir, saved: checkpoint.Saved | None, watch: Watch) -> None:
     """Status and event for a checkpoint once it is written and verified, with the stall it cost training."""
+    watch.checkpoint(saved)
     if saved is not None:
         info = saved.info
         run.update_status(last_checkpoint=str(info.path), weights_sha256=info.weights_sha256)

@@ -90,6 +90,14 @@ class LoopConfig:
     """Checkpoint and stop this many seconds before a known job time limit."""
     heartbeat_s: float = 10.0
     """How often status.json's heartbeat is refreshed."""
+    tensorboard: bool | Literal["auto"] = "auto"
+    """Log scalars and previews to RUN/tensorboard/; auto: when the tensorboard package is installed."""
+    preview_every: int | None = 1000
+    """Draw the preview set from the EMA weights every this many steps; null disables it."""
+    preview_subjects: int = 8
+    """Subjects in the preview set (fixed noise, covariates spanning their trained range)."""
+    preview_sampler_steps: int = 10
+    """Sampler steps of a preview: few, so it costs little."""
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "train.steps", f"must be at least 1, got {self.steps}")
@@ -98,6 +106,9 @@ class LoopConfig:
         check(self.log_every >= 1, "train.log_every", "must be at least 1")
         check(0 <= self.cond_drop_prob < 1, "train.cond_drop_prob", "must lie in [0, 1)")
         check(self.collective_timeout_s > 0, "train.collective_timeout_s", "must be positive")
+        check(self.preview_every is None or self.preview_every >= 1, "train.preview_every", "must be 1+ or null")
+        check(self.preview_subjects >= 1, "train.preview_subjects", "must be at least 1")
+        check(self.preview_sampler_steps >= 1, "train.preview_sampler_steps", "must be at least 1")
 
 
 @dataclass(kw_only=True)

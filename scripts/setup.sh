@@ -81,7 +81,15 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 extras=""
 [ "$want_test" = 1 ] && extras="[test]"
+# The lock file of this Python pins every dependency (scripts/lock.sh refreshes it); torch was chosen above.
+lock="hpcdiff/resources/constraints-py$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])').txt"
+constraints=()
+if [ -f "$lock" ]; then
+  constraints=(-c "$lock")
+else
+  say "no lock file $lock for this Python: resolving dependencies afresh"
+fi
 say "installing hpcdiff$extras"
-"${PIP[@]}" -e ".$extras"
+"${PIP[@]}" "${constraints[@]}" -e ".$extras"
 echo "$want" >"$stamp"
 say "done"

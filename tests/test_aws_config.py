@@ -8,10 +8,13 @@ there, skip otherwise, and fail instead when HPCDIFF_REQUIRE lists ``pcluster``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,7 +30,14 @@ from hpcdiff.launch.aws import (
 )
 from tests import harness
 
-BASE = {"region": "us-east-1", "subnet": "subnet-0123abcd", "bucket": "hpcdiff-test-data"}
+WHEEL_SHA = "0123456789abcdef" * 4
+BASE = {
+    "region": "us-east-1",
+    "subnet": "subnet-0123abcd",
+    "bucket": "hpcdiff-test-data",
+    "wheel": "hpcdiff-0.1.0-py3-none-any.whl",
+    "wheel_sha256": WHEEL_SHA,
+}
 
 OPTION_SETS = {
     "defaults": {},
@@ -40,7 +50,7 @@ OPTION_SETS = {
         "fsx_storage_gib": 4800,
         "fsx_throughput": 250,
         "os": "ubuntu2404",
-        "install_spec": "git+https://example.org/hpcdiff.git@v0.1.0",
+        "constraints_sha256": "f" * 64,
     },
     "graviton": {"head_instance": "c7g.large", "cpu_instance": "c7g.4xlarge", "gpu_instance": "g5g.2xlarge"},
     "rocky-long-subnet": {"subnet": "subnet-0123456789abcdef0", "region": "eu-central-1", "os": "rocky9"},
@@ -201,12 +211,19 @@ def test_fsx_is_retained_and_linked_to_the_bucket():
 
 
 def test_every_node_runs_the_bootstrap_and_may_write_the_bucket():
-    config = render_cluster_config(options(bucket="my-lab-bucket", install_spec="hpcdiff==0.1.0"))
+    config = render_cluster_config(options(bucket="my-lab-bucket", constraints_sha256="e" * 64))
     nodes = [config["HeadNode"], *config["Scheduling"]["SlurmQueues"]]
     for node in nodes:
         action = node["CustomActions"]["OnNodeConfigured"]
         assert action["Script"] == "s3://my-lab-bucket/hpcdiff/bootstrap.sh"
-        assert "hpcdiff==0.1.0" in action["Args"]
+        # hpcdiff comes from the staged wheel pinned by its digest, never from a package name on an index.
+        assert action["Args"][1:] == [
+            "s3://my-lab-bucket/hpcdiff/wheels/hpcdiff-0.1.0-py3-none-any.whl",
+            WHEEL_SHA,
+            "python3.11",
+            "s3://my-lab-bucket/hpcdiff/constraints.txt",
+            "e" * 64,
+        ]
         assert node["Iam"]["S3Access"] == [{"BucketName": "my-lab-bucket", "EnableWriteAccess": True}]
 
 
@@ -240,7 +257,11 @@ def test_ssh_section_only_with_a_key():
         ("fsx_storage_gib", 2000),
         ("fsx_throughput", 200),
         ("os", "alinux2"),
-        ("install_spec", "hpcdiff ; rm -rf /"),
+        ("wheel", "hpcdiff"),
+        ("wheel", "hpcdiff-0.1.0.tar.gz"),
+        ("wheel_sha256", "abc"),
+        ("wheel_sha256", None),
+        ("constraints_sha256", "F" * 64),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(field, value):
@@ -248,6 +269,11 @@ def test_bad_options_are_refused_naming_the_field(field, value):
         options(**{field: value})
     assert field in str(e.value)
     assert repr(value) in str(e.value)
+
+
+def test_a_config_without_a_pinned_wheel_is_refused():
+    with pytest.raises(ConfigError, match="wheel"):
+        render_cluster_config(options(wheel=None, wheel_sha256=None))
 
 
 def test_mixed_cpu_architectures_are_refused():
@@ -261,35 +287,64 @@ def test_bootstrap_script_is_valid_bash():
 
 
 # ---------------------------------------------------------------- CLI
+@pytest.fixture()
+def wheel(tmp_path_factory) -> Path:
+    """A small stand-in for a built wheel: init only checks its name and contents, and pins its digest."""
+    path = tmp_path_factory.mktemp("wheel") / "hpcdiff-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("hpcdiff/__init__.py", '__version__ = "0.1.0"\n')
+    return path
+
+
 def init_args(out, *extra):
     return ("cluster", "aws", "init", "--out", out, "--bucket", "my-lab-bucket", "--subnet", "subnet-0123abcd", *extra)
 
 
-def test_cli_init_writes_the_config_and_prints_the_commands(tmp_path):
+def test_cli_init_writes_the_config_and_prints_the_commands(tmp_path, wheel):
     out = tmp_path / "my cluster 'a'"  # shell-unsafe characters must come out quoted
-    proc = harness.hpcdiff(*init_args(out, "--region", "eu-west-1", "--gpu-instance", "g6.xlarge", "--name", "lab"))
+    flags = ("--region", "eu-west-1", "--gpu-instance", "g6.xlarge", "--name", "lab", "--wheel", wheel)
+    proc = harness.hpcdiff(*init_args(out, *flags))
     harness.assert_ok(proc)
     written = yaml.safe_load((out / "cluster.yaml").read_text())
-    expected = options(region="eu-west-1", bucket="my-lab-bucket", gpu_instance="g6.xlarge")
+    lock = aws.lock_file("python3.11")
+    expected = options(
+        region="eu-west-1",
+        bucket="my-lab-bucket",
+        gpu_instance="g6.xlarge",
+        wheel_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        constraints_sha256=hashlib.sha256(lock.encode()).hexdigest() if lock else None,
+    )
     assert written == render_cluster_config(expected)
     assert (out / "bootstrap.sh").read_text() == bootstrap_script()
     assert os.access(out / "bootstrap.sh", os.X_OK)
+    assert (out / wheel.name).read_bytes() == wheel.read_bytes()
+    assert lock is None or (out / "constraints.txt").read_text() == lock
     for command in ("pcluster create-cluster", "pcluster ssh", "aws s3 cp", "pcluster delete-cluster"):
         assert command in proc.stdout
+    assert "s3://my-lab-bucket/hpcdiff/wheels/hpcdiff-0.1.0-py3-none-any.whl" in proc.stdout
     assert "--partition gpu,gpu-ondemand" in proc.stdout
     assert shlex.quote(str(out / "cluster.yaml")) in proc.stdout
     if pcluster_missing() is None:
         assert "checked offline against ParallelCluster's schema" in proc.stdout
 
 
-def test_cli_init_keeps_an_existing_config_without_force(tmp_path):
-    harness.assert_ok(harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1")))
+def test_cli_init_keeps_an_existing_config_without_force(tmp_path, wheel):
+    harness.assert_ok(harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1", "--wheel", wheel)))
     (tmp_path / "cluster.yaml").write_text("# edited by hand\n")
-    proc = harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1"))
+    proc = harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1", "--wheel", wheel))
     harness.assert_ok(proc, 2)
     assert "--force" in proc.stderr
     assert (tmp_path / "cluster.yaml").read_text() == "# edited by hand\n"
-    harness.assert_ok(harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1", "--force")))
+    harness.assert_ok(harness.hpcdiff(*init_args(tmp_path, "--region", "us-east-1", "--wheel", wheel, "--force")))
+
+
+def test_cli_init_refuses_a_file_that_is_no_hpcdiff_wheel(tmp_path):
+    bogus = tmp_path / "hpcdiff-0.1.0-py3-none-any.whl"
+    bogus.write_text("not a zip")
+    proc = harness.hpcdiff(*init_args(tmp_path / "out", "--region", "us-east-1", "--wheel", bogus))
+    harness.assert_ok(proc, 2)
+    assert "not an hpcdiff wheel" in proc.stderr
+    assert not (tmp_path / "out" / "cluster.yaml").exists()
 
 
 @pytest.mark.parametrize(

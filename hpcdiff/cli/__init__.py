@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from hpcdiff.cli.analysis import add_stats
 from hpcdiff.cli.common import Parser
 from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample
-from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_status, add_submit, add_train
+from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_report, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
 from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, NO_SPACE_ERRNOS, HpcdiffError
@@ -35,6 +35,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_status,
     add_logs,
     add_inspect,
+    add_report,
     add_cluster,
     add_stats,
     add_sample,

@@ -190,22 +190,67 @@ def _run_submit_pipeline(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------ status, logs, inspect
 def add_status(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="state of a run, from its run directory alone")
-    p.add_argument("run_dir", metavar="RUN")
-    p.add_argument("--json", action="store_true")
+    p = sub.add_parser(
+        "status",
+        help="state of runs (or pipeline folders), from their directories alone",
+        description="One RUN: its full status. Several (e.g. a shell glob runs/*): one line each with state, step, "
+        "last checkpoint age, heartbeat age and job id; a pipeline folder gives one line of its stages.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN")
+    p.add_argument("--json", action="store_true", help="JSON (a list when several RUNs are given)")
     p.set_defaults(handler=_run_status)
 
 
-def _run_status(args: argparse.Namespace) -> int:
+def _one_status(path: Path) -> tuple[dict, str, str]:
+    """(status dict, full description, one-line summary) of a run or pipeline folder."""
     from hpcdiff.launch.pipeline import describe_pipeline, is_pipeline_dir, pipeline_status
-    from hpcdiff.report import describe_status, read_status
+    from hpcdiff.report import describe_status, read_status, status_line
 
-    if is_pipeline_dir(Path(args.run_dir)):
-        status = pipeline_status(Path(args.run_dir))
-        print(json.dumps(status, indent=2, sort_keys=True) if args.json else describe_pipeline(status))
+    if is_pipeline_dir(path):
+        status = pipeline_status(path)
+        stages = ", ".join(f"{st['name']} {st['state']}" for st in status["stages"])
+        return status, describe_pipeline(status), f"{status['dir']}  pipeline  {stages}"
+    status = read_status(path)
+    return status, describe_status(status), status_line(status)
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from hpcdiff.errors import UsageError
+
+    if len(args.run_dirs) == 1:
+        status, text, _ = _one_status(Path(args.run_dirs[0]))
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else text)
         return 0
-    status = read_status(Path(args.run_dir))
-    print(json.dumps(status, indent=2, sort_keys=True) if args.json else describe_status(status))
+    statuses, code = [], 0
+    for path in args.run_dirs:
+        try:
+            status, _, line = _one_status(Path(path))
+        except UsageError as e:
+            # One wrong folder in a glob must not hide the others: report it in its place, exit 2 at the end.
+            status, line, code = {"run_dir": str(path), "error": str(e)}, f"{path}  error: {e}", 2
+        statuses.append(status)
+        if not args.json:
+            print(line)
+    if args.json:
+        print(json.dumps(statuses, indent=2, sort_keys=True))
+    return code
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "report",
+        help="one page of a run's life (loss, lr, step time, restarts, newest preview) from its run directory",
+    )
+    p.add_argument("run_dir", metavar="RUN")
+    p.add_argument("--out", help="folder for report.html, report.png and report.json (default: RUN/report)")
+    p.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from hpcdiff.report_page import write_report
+
+    files = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    print(f"wrote {files.html} ({files.png.name}, {files.json.name} beside it)")
     return 0
 
 

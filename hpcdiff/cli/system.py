@@ -31,8 +31,18 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     aws = providers.add_parser("aws", help="a Slurm cluster on AWS (ParallelCluster v3) and S3 staging")
     actions = aws.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser, required=True)
 
-    init = actions.add_parser("init", help="write cluster.yaml and bootstrap.sh; print the pcluster commands")
-    init.add_argument("--out", required=True, help="directory for cluster.yaml and bootstrap.sh")
+    init = actions.add_parser(
+        "init",
+        help="write the cluster config (ParallelCluster cluster.yaml or AWS PCS pcs.yaml), the bootstrap script and "
+        "the hpcdiff wheel; print the commands that stage them and bring the cluster up",
+    )
+    init.add_argument("--out", required=True, help="directory for the config, bootstrap.sh, wheel and lock file")
+    init.add_argument(
+        "--service",
+        choices=("parallelcluster", "pcs"),
+        default="parallelcluster",
+        help="AWS ParallelCluster (a head node you run; default) or AWS PCS (managed Slurm, a CloudFormation stack)",
+    )
     init.add_argument("--bucket", required=True, help="S3 bucket for data, runs and the bootstrap script")
     init.add_argument("--subnet", required=True, help="subnet id (subnet-...) with a route to the internet")
     init.add_argument("--region", help="AWS region (default: $AWS_REGION or $AWS_DEFAULT_REGION)")
@@ -45,7 +55,10 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--fsx-storage-gib", type=int, help="FSx capacity: 1200 or n*2400")
     init.add_argument("--fsx-throughput", type=int, help="FSx MB/s per TiB: 125, 250, 500 or 1000")
     init.add_argument("--os", help="alinux2023 (default), ubuntu2204, ubuntu2404, rhel9 or rocky9")
-    init.add_argument("--install-spec", help="pip requirement installing hpcdiff on the cluster")
+    init.add_argument(
+        "--wheel",
+        help="hpcdiff wheel to install on the cluster (default: built from the checkout hpcdiff runs from)",
+    )
     init.add_argument("--force", action="store_true", help="overwrite an existing cluster.yaml")
     init.set_defaults(handler=_run_cluster_aws_init)
 
@@ -62,8 +75,11 @@ def add_cluster(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cluster_aws_init(args: argparse.Namespace) -> int:
+    import dataclasses
+    import hashlib
     import os
 
+    from hpcdiff.atomic import file_sha256
     from hpcdiff.errors import UsageError
     from hpcdiff.launch import aws
 
@@ -71,25 +87,63 @@ def _run_cluster_aws_init(args: argparse.Namespace) -> int:
     if not region:
         raise UsageError("no region: pass --region (e.g. --region us-east-1) or set AWS_DEFAULT_REGION")
     fields = ("key_name", "head_instance", "cpu_instance", "gpu_instance", "max_cpu_nodes", "max_gpu_nodes")
-    fields += ("fsx_storage_gib", "fsx_throughput", "os", "install_spec")
+    fields += ("fsx_storage_gib", "fsx_throughput", "os")
     chosen = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     opts = aws.AwsClusterOptions(region=region, subnet=args.subnet, bucket=args.bucket, **chosen)
     name = aws.check_cluster_name(args.name)
-    try:
-        aws.validate_with_schema(aws.render_cluster_config(opts), name)
-        checked = "checked offline against ParallelCluster's schema"
-    except UsageError as e:
-        checked = f"NOT checked offline ({e})"
     out = Path(args.out)
-    config_path, script_path = aws.write_cluster_files(opts, out, force=args.force)
-    print(f"wrote {config_path} ({checked}) and {script_path}\n")
-    print(aws.format_commands(aws.cluster_commands(opts, name, out)))
+    aws.refuse_overwrite(out / ("pcs.yaml" if args.service == "pcs" else "cluster.yaml"), args.force)
+    wheel = aws.prepare_wheel(out, Path(args.wheel) if args.wheel else None)
+    lock = aws.lock_file(opts.python)
+    opts = dataclasses.replace(
+        opts,
+        wheel=wheel.name,
+        wheel_sha256=file_sha256(wheel),
+        constraints_sha256=hashlib.sha256(lock.encode()).hexdigest() if lock else None,
+    )
+    if args.service == "pcs":
+        config_path, commands, checked = _pcs_files(opts, name, out)
+    else:
+        try:
+            aws.validate_with_schema(aws.render_cluster_config(opts), name)
+            checked = "checked offline against ParallelCluster's schema"
+        except UsageError as e:
+            checked = f"NOT checked offline ({e})"
+        config_path = out / "cluster.yaml"
+        commands = aws.cluster_commands(opts, name, out)
+    script_path = aws.write_cluster_files(opts, out, lock, config=args.service == "parallelcluster")
+    print(f"wrote {config_path} ({checked}), {script_path} and {wheel} (sha256 {opts.wheel_sha256})")
+    if lock is None:
+        print(f"# no lock file for {opts.python}: the cluster resolves hpcdiff's dependencies afresh")
+    print()
+    print(aws.format_commands(commands))
     print(
         f"\n# then, on the head node: data and runs live under {aws.DATA_DIR} (= s3://{opts.bucket}); GPU jobs:\n"
         f"hpcdiff submit CONFIG.yaml --run-dir {aws.DATA_DIR}/runs/NAME --backend slurm --partition "
         + ",".join(aws.GPU_QUEUES)
     )
     return 0
+
+
+def _pcs_files(opts: object, name: str, out: Path) -> tuple[Path, list, str]:
+    """Render, lint and write OUT/pcs.yaml; the commands to stage and deploy it; how it was checked."""
+    from hpcdiff.errors import ConfigError, UsageError
+    from hpcdiff.launch import aws, aws_pcs
+
+    text = aws_pcs.template_text(aws_pcs.render_pcs_template(opts, name))
+    try:
+        findings = aws_pcs.lint_template(text, opts.region)
+        checked = "checked offline with cfn-lint"
+    except UsageError as e:
+        findings, checked = [], f"NOT checked offline ({e})"
+    if findings:
+        raise ConfigError("cfn-lint refuses the PCS template: " + "; ".join(findings))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "pcs.yaml"
+    aws.write_text(
+        path, "# AWS PCS cluster written by 'hpcdiff cluster aws init --service pcs' (CloudFormation).\n" + text
+    )
+    return path, aws.staging_commands(opts, out) + aws_pcs.pcs_commands(opts, name, str(path)), checked
 
 
 def _run_cluster_aws_transfer(args: argparse.Namespace) -> int:

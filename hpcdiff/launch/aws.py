@@ -5,6 +5,11 @@ without an AWS account. Three queues look like a university cluster's partitions
 (spot) and ``gpu-ondemand`` (the same GPUs on demand). ParallelCluster cannot fall back from spot to on-demand
 inside one queue, so the fallback is a second queue and ``--partition gpu,gpu-ondemand`` lets Slurm take whichever
 starts first. Storage is FSx for Lustre linked to the user's bucket, retained when the cluster is deleted.
+
+hpcdiff itself reaches the cluster as a wheel built from the user's checkout (or given with ``--wheel``), staged to
+their bucket and pinned by its sha256, with the dependencies pinned by the lock file for the node's Python: never
+as a bare package name from a public index (the name ``hpcdiff`` is not ours on any index, and whoever registered
+it would run code on every cluster made with such a default).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tempfile
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,6 +35,8 @@ MOUNT_DIR = "/fsx"
 DATA_DIR = f"{MOUNT_DIR}/s3"  # the bucket appears here (imported and exported automatically)
 VENV_DIR = f"{MOUNT_DIR}/hpcdiff/venv"  # outside DATA_DIR: a venv must not be exported to S3
 BOOTSTRAP_KEY = "hpcdiff/bootstrap.sh"
+WHEEL_PREFIX = "hpcdiff/wheels/"
+CONSTRAINTS_KEY = "hpcdiff/constraints.txt"
 GPU_QUEUES = ("gpu", "gpu-ondemand")
 
 # The interpreter each OS can install from its own packages (hpcdiff needs Python >= 3.10).
@@ -46,6 +56,8 @@ _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _IPV4 = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
 _CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,59}$")
 _ARM_FAMILY = re.compile(r"^[a-z]+\d+g")  # Graviton: c7g, m6gd, g5g, im4gn ...
+_WHEEL = re.compile(r"^hpcdiff-[0-9][A-Za-z0-9_.+!]*-py3-none-any\.whl$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(kw_only=True)
@@ -76,8 +88,13 @@ class AwsClusterOptions:
     """FSx PERSISTENT_2 throughput per TiB (MB/s): 125, 250, 500 or 1000."""
     os: str = "alinux2023"
     """Node operating system; one of OS_PYTHON."""
-    install_spec: str = "hpcdiff"
-    """What the bootstrap passes to ``pip install`` (a version, a git URL, or a wheel under /fsx/s3/)."""
+    wheel: str | None = None
+    """File name of the hpcdiff wheel staged under s3://BUCKET/hpcdiff/wheels/ (see :func:`prepare_wheel`);
+    required to render a config."""
+    wheel_sha256: str | None = None
+    """Its sha256: the bootstrap refuses a wheel with any other digest."""
+    constraints_sha256: str | None = None
+    """sha256 of the lock file staged at s3://BUCKET/hpcdiff/constraints.txt; None installs without one."""
     scaledown_idle_minutes: int = 10
     """Idle minutes before Slurm powers a dynamic node down (and its billing stops)."""
 
@@ -112,12 +129,13 @@ class AwsClusterOptions:
         )
         _check(self.fsx_throughput in FSX_THROUGHPUTS, "fsx_throughput", self.fsx_throughput, str(FSX_THROUGHPUTS))
         _check(self.os in OS_PYTHON, "os", self.os, f"one of {', '.join(OS_PYTHON)}")
-        _check(
-            bool(self.install_spec) and not any(c.isspace() for c in self.install_spec),
-            "install_spec",
-            self.install_spec,
-            "one pip requirement without spaces, e.g. hpcdiff==0.1.0 or git+https://host/repo.git",
-        )
+        if self.wheel is not None:
+            _check(_WHEEL.match(self.wheel), "wheel", self.wheel, "a wheel file name: hpcdiff-VERSION-py3-none-any.whl")
+        _check((self.wheel is None) == (self.wheel_sha256 is None), "wheel_sha256", self.wheel_sha256, "with wheel")
+        for name in ("wheel_sha256", "constraints_sha256"):
+            value = getattr(self, name)
+            if value is not None:
+                _check(_SHA256.match(value), name, value, "a sha256 digest: 64 lowercase hex digits")
 
     @property
     def python(self) -> str:
@@ -127,6 +145,21 @@ class AwsClusterOptions:
     @property
     def bootstrap_url(self) -> str:
         return f"s3://{self.bucket}/{BOOTSTRAP_KEY}"
+
+    @property
+    def wheel_url(self) -> str:
+        return f"s3://{self.bucket}/{WHEEL_PREFIX}{self.wheel}"
+
+    @property
+    def constraints_url(self) -> str:
+        return f"s3://{self.bucket}/{CONSTRAINTS_KEY}"
+
+    def bootstrap_args(self) -> list[str]:
+        """The bootstrap's arguments: venv, wheel URL and sha256, interpreter, then the lock file's URL and sha256."""
+        if self.wheel is None or self.wheel_sha256 is None:
+            raise ConfigError("wheel: no hpcdiff wheel chosen; the cluster installs hpcdiff only from a pinned wheel")
+        args = [VENV_DIR, self.wheel_url, self.wheel_sha256, self.python]
+        return args + ([self.constraints_url, self.constraints_sha256] if self.constraints_sha256 else [])
 
 
 def _check(ok: object, field: str, value: object, expected: str) -> None:
@@ -167,7 +200,7 @@ def check_cluster_name(name: str) -> str:
 def render_cluster_config(opts: AwsClusterOptions) -> dict[str, Any]:
     """The ParallelCluster v3 cluster config (a mapping ready for YAML) for ``opts``."""
     s3_access = [{"BucketName": opts.bucket, "EnableWriteAccess": True}]
-    bootstrap = {"Script": opts.bootstrap_url, "Args": [VENV_DIR, opts.install_spec, opts.python]}
+    bootstrap = {"Script": opts.bootstrap_url, "Args": opts.bootstrap_args()}
     head: dict[str, Any] = {
         "InstanceType": opts.head_instance,
         "Networking": {"SubnetId": opts.subnet},
@@ -325,6 +358,19 @@ def _check_in(python: str, config: dict[str, Any], cluster_name: str) -> list[st
     return answer["errors"]
 
 
+def staging_commands(opts: AwsClusterOptions, out_dir: Path) -> list[tuple[str, list[str]]]:
+    """Uploads of the wheel, the lock file and the bootstrap script to the bucket, as (what it does, argv)."""
+    uploads = [
+        ("upload the hpcdiff wheel", ["aws", "s3", "cp", str(out_dir / opts.wheel), opts.wheel_url]),
+        ("upload the bootstrap script", ["aws", "s3", "cp", str(out_dir / "bootstrap.sh"), opts.bootstrap_url]),
+    ]
+    if opts.constraints_sha256:
+        uploads.insert(
+            1, ("upload the lock file", ["aws", "s3", "cp", str(out_dir / "constraints.txt"), opts.constraints_url])
+        )
+    return uploads
+
+
 def cluster_commands(opts: AwsClusterOptions, cluster_name: str, out_dir: Path) -> list[tuple[str, list[str]]]:
     """The commands that bring the cluster up and down, as (what it does, argv); hpcdiff prints, never runs, them."""
     config = str(out_dir / "cluster.yaml")
@@ -333,7 +379,7 @@ def cluster_commands(opts: AwsClusterOptions, cluster_name: str, out_dir: Path) 
     if opts.key_name:
         ssh += ["-i", str(Path.home() / ".ssh" / f"{opts.key_name}.pem")]
     return [
-        ("upload the bootstrap script", ["aws", "s3", "cp", str(out_dir / "bootstrap.sh"), opts.bootstrap_url]),
+        *staging_commands(opts, out_dir),
         (
             "create the cluster (about 20-30 minutes)",
             ["pcluster", "create-cluster", "--cluster-name", cluster_name, "--cluster-configuration", config, *region],
@@ -352,23 +398,97 @@ def format_commands(commands: list[tuple[str, list[str]]]) -> str:
     return "\n".join(f"# {what}\n{shlex.join(argv)}" for what, argv in commands)
 
 
-def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, *, force: bool = False) -> tuple[Path, Path]:
-    """Write ``out_dir/cluster.yaml`` and ``out_dir/bootstrap.sh``; an existing config is kept unless ``force``."""
+def source_checkout() -> Path | None:
+    """The source checkout this hpcdiff runs from (an editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file() else None
+
+
+def prepare_wheel(out_dir: Path, wheel: Path | None = None, source: Path | None = None) -> Path:
+    """Put the wheel to install on the cluster into ``out_dir``: ``wheel`` as given, or one built from ``source``
+    (default: the checkout this hpcdiff runs from).
+
+    Raises:
+        UsageError: no wheel and no checkout to build one from, a build that fails, or a file that is no hpcdiff
+            wheel.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if wheel is None:
+        root = source or source_checkout()
+        if root is None:
+            raise UsageError(
+                "hpcdiff is not running from a source checkout, so no wheel can be built here: build one in your "
+                "checkout (pip wheel --no-deps -w dist .) and pass --wheel dist/hpcdiff-VERSION-py3-none-any.whl"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            argv = [
+                sys.executable,
+                "-m",
+                "pip",
+                "wheel",
+                "-q",
+                "--no-deps",
+                "--no-build-isolation",
+                "-w",
+                tmp,
+                str(root),
+            ]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+            built = sorted(Path(tmp).glob("hpcdiff-*.whl"))
+            if proc.returncode != 0 or not built:
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise UsageError(f"building the hpcdiff wheel from {root} failed: {last}; build one and pass --wheel")
+            target = out_dir / built[0].name
+            shutil.copyfile(built[0], target)
+        return target
+    wheel = Path(wheel)
+    if not _WHEEL.match(wheel.name) or not zipfile.is_zipfile(wheel):
+        raise UsageError(f"--wheel {wheel}: not an hpcdiff wheel file (hpcdiff-VERSION-py3-none-any.whl)")
+    if "hpcdiff/__init__.py" not in zipfile.ZipFile(wheel).namelist():
+        raise UsageError(f"--wheel {wheel}: the archive holds no hpcdiff package")
+    target = out_dir / wheel.name
+    if not target.exists() or not target.samefile(wheel):
+        shutil.copyfile(wheel, target)
+    return target
+
+
+def lock_file(python: str) -> str | None:
+    """The packaged constraints (lock) file for an interpreter such as python3.11, or None if there is none."""
+    name = f"constraints-py{python.removeprefix('python')}.txt"
+    path = resources.files("hpcdiff.resources").joinpath(name)
+    return path.read_text() if path.is_file() else None
+
+
+def refuse_overwrite(path: Path, force: bool) -> None:
+    """An existing config (perhaps edited by hand) is kept unless ``force``: checked before anything is written."""
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists (perhaps edited by hand); pass --force to overwrite it")
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, constraints: str | None, config: bool = True) -> Path:
+    """Write ``out_dir/bootstrap.sh``, the lock file as ``out_dir/constraints.txt`` and, with ``config``, the
+    ParallelCluster config ``out_dir/cluster.yaml``; returns the script's path."""
     import yaml
 
     config_path, script_path = out_dir / "cluster.yaml", out_dir / "bootstrap.sh"
-    if config_path.exists() and not force:
-        raise UsageError(f"{config_path} exists (perhaps edited by hand); pass --force to overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = (
-        "# AWS ParallelCluster v3 config written by 'hpcdiff cluster aws init'.\n"
-        f"# Queues: cpu (on-demand), gpu (spot), gpu-ondemand; the bucket s3://{opts.bucket} appears at {DATA_DIR}.\n"
-        "# Submit GPU work with --partition gpu,gpu-ondemand to let Slurm take whichever starts first.\n"
-    )
-    body = yaml.safe_dump(render_cluster_config(opts), sort_keys=False, default_flow_style=False)
-    for path, text in ((config_path, header + body), (script_path, bootstrap_script())):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    if config:
+        header = (
+            "# AWS ParallelCluster v3 config written by 'hpcdiff cluster aws init'.\n"
+            "# Queues: cpu (on-demand), gpu (spot), gpu-ondemand; "
+            f"the bucket s3://{opts.bucket} appears at {DATA_DIR}.\n"
+            "# Submit GPU work with --partition gpu,gpu-ondemand to let Slurm take whichever starts first.\n"
+        )
+        body = yaml.safe_dump(render_cluster_config(opts), sort_keys=False, default_flow_style=False)
+        write_text(config_path, header + body)
+    write_text(script_path, bootstrap_script())
+    if constraints is not None:
+        write_text(out_dir / "constraints.txt", constraints)
     script_path.chmod(0o755)
-    return config_path, script_path
+    return script_path

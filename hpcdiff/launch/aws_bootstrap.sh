@@ -1,20 +1,36 @@
 #!/bin/bash
-# hpcdiff node bootstrap for AWS ParallelCluster (CustomActions/OnNodeConfigured); runs as root on every node.
+# hpcdiff node bootstrap for AWS ParallelCluster (CustomActions/OnNodeConfigured) and AWS PCS (launch template user
+# data); runs as root on every node.
 #   $1  venv directory on the shared file system (FSx for Lustre)
-#   $2  pip requirement for hpcdiff (a version, a git URL, or a wheel path under /fsx/s3/)
-#   $3  python interpreter to install from the OS packages (hpcdiff needs Python >= 3.10)
-# Head node: installs hpcdiff into the shared venv, once; compute nodes use it read-only.
+#   $2  s3:// URL of the hpcdiff wheel staged by the user (built from their checkout by 'hpcdiff cluster aws init')
+#   $3  sha256 of that wheel: any other content is refused, nothing is installed
+#   $4  python interpreter to install from the OS packages (hpcdiff needs Python >= 3.10)
+#   $5  s3:// URL of the lock (constraints) file for that interpreter, $6 its sha256 (both optional)
+# Head node: installs hpcdiff into the shared venv, once, from the verified wheel (never by name from an index) with
+# its dependencies pinned by the lock file; compute nodes use the venv read-only.
+# HPCDIFF_BOOTSTRAP_ETC (default /etc) is where cfnconfig is read and profile.d written: set it to try the script
+# off a cluster.
 # Compute nodes: install the same interpreter (the venv links to it); spot nodes also start a watcher that turns
 # EC2's two-minute interruption notice into SIGUSR1 for the batch shell of every job on the node. ParallelCluster
 # itself does not forward the notice: without the watcher the job only sees the node vanish (NODE_FAIL).
 set -euo pipefail
 venv=$1
-spec=$2
-python=$3
+wheel_url=$2
+wheel_sha256=$3
+python=$4
+constraints_url=${5:-}
+constraints_sha256=${6:-}
+etc=${HPCDIFF_BOOTSTRAP_ETC:-/etc}
 log() { echo "[hpcdiff-bootstrap] $*"; }
 
-# shellcheck disable=SC1091
-. /etc/parallelcluster/cfnconfig # defines cfn_node_type: HeadNode or ComputeFleet
+# ParallelCluster's cfnconfig defines cfn_node_type (HeadNode or ComputeFleet); on AWS PCS, which has no such file,
+# the launch template's user data sets HPCDIFF_NODE_TYPE instead.
+if [ -n "${HPCDIFF_NODE_TYPE:-}" ]; then
+  cfn_node_type=$HPCDIFF_NODE_TYPE
+else
+  # shellcheck disable=SC1091
+  . "$etc/parallelcluster/cfnconfig"
+fi
 
 install_python() {
   if command -v "$python" >/dev/null; then return; fi
@@ -30,19 +46,43 @@ install_python() {
 
 write_profile() {
   # HDF5's file locking fails on Lustre; the shared venv goes first on PATH for logins and batch jobs.
-  cat >/etc/profile.d/hpcdiff.sh <<EOF
+  mkdir -p "$etc/profile.d"
+  cat >"$etc/profile.d/hpcdiff.sh" <<EOF
 export PATH="$venv/bin:\$PATH"
 export HDF5_USE_FILE_LOCKING=FALSE
 EOF
 }
 
+# Download s3://... to a file and keep it only if its sha256 is the expected one.
+fetch_verified() {
+  local url=$1 expected=$2 dest=$3 actual
+  aws s3 cp --only-show-errors "$url" "$dest.part"
+  actual=$(sha256sum "$dest.part" | cut -d' ' -f1)
+  if [ "$actual" != "$expected" ]; then
+    rm -f "$dest.part"
+    log "REFUSED $url: its sha256 is $actual, expected $expected. Nothing was installed; stage the file" \
+      "'hpcdiff cluster aws init' wrote (or run init again) and recreate the cluster."
+    exit 3
+  fi
+  mv "$dest.part" "$dest"
+}
+
 install_hpcdiff() {
+  local downloads wheel constraints=()
+  downloads="$(dirname "$venv")/downloads"
+  mkdir -p "$downloads"
+  wheel="$downloads/$(basename "$wheel_url")"
+  fetch_verified "$wheel_url" "$wheel_sha256" "$wheel"
+  if [ -n "$constraints_url" ]; then
+    fetch_verified "$constraints_url" "$constraints_sha256" "$downloads/constraints.txt"
+    constraints=(-c "$downloads/constraints.txt")
+  fi
   if [ ! -x "$venv/bin/python" ]; then
-    mkdir -p "$(dirname "$venv")"
     "$python" -m venv "$venv"
   fi
   "$venv/bin/python" -m pip install -q --upgrade pip
-  "$venv/bin/python" -m pip install -q "$spec"
+  # A file path, not a name: pip takes hpcdiff from the verified wheel; the lock pins every dependency.
+  "$venv/bin/python" -m pip install -q "${constraints[@]}" "$wheel"
   "$venv/bin/hpcdiff" doctor || log "hpcdiff doctor reported problems (see above)"
   chmod -R a+rX "$venv"
 }
