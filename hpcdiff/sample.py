@@ -115,7 +115,7 @@ def load_generator(run_dir: Path, device: torch.device) -> _Generator:
     info = checkpoint.latest_valid(Path(run_dir) / "checkpoints")
     if info is None:
         raise UsageError(f"no valid checkpoint in {Path(run_dir) / 'checkpoints'}: train the run first")
-    state = checkpoint.load(info, map_location="cpu")
+    state = checkpoint.load(info, map_location="cpu", mmap=True)  # only the EMA weights are read
     for key in ("ema", "model_config", "objective_config", "covariates", "config"):
         if key not in state:
             raise CheckpointError(f"{info.path}: checkpoint has no {key!r}; it was written by an older hpcdiff")
