@@ -15,8 +15,10 @@ otherwise it is a raw LZ4 block (no frame).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import struct
+import threading
 
 import h5py
 import lz4.block
@@ -28,6 +30,42 @@ LZ4_FILTER = 32004
 _HEADER = struct.Struct(">QI")
 _BLOCK = struct.Struct(">I")
 _RAW_ONE_BLOCK = _HEADER.size + _BLOCK.size  # header and block size of a chunk stored as one raw block
+
+
+def _lz4_decompress_safe() -> ctypes._CFuncPtr | None:
+    """liblz4's ``LZ4_decompress_safe`` as built into the ``lz4`` binding: it decodes straight into our array.
+
+    ``lz4.block.decompress`` returns a new bytes object that then has to be copied; through ctypes (which drops
+    the GIL during the call) the block lands where it belongs. None when the binding does not export it.
+    """
+    try:
+        fn = ctypes.CDLL(lz4.block._block.__file__).LZ4_decompress_safe
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_DECOMPRESS_SAFE = _lz4_decompress_safe()
+_SCRATCH = threading.local()  # one stored-chunk buffer per thread, reused: fresh pages cost a page fault each
+
+
+def _decompress_into(block: memoryview, dest: np.ndarray, where: str) -> None:
+    """Decode one raw LZ4 block into ``dest`` (uint8, exactly the block's uncompressed length)."""
+    if _DECOMPRESS_SAFE is not None and len(block):
+        src = np.frombuffer(block, dtype=np.uint8)
+        got = _DECOMPRESS_SAFE(src.ctypes.data, dest.ctypes.data, len(block), dest.nbytes)
+        if got != dest.nbytes:
+            raise ShardError(f"{where}: corrupt LZ4 block (decoded {got} bytes, expected {dest.nbytes})")
+        return
+    try:
+        decoded = lz4.block.decompress(block, uncompressed_size=dest.nbytes)
+    except lz4.block.LZ4BlockError as e:
+        raise ShardError(f"{where}: corrupt LZ4 block: {e}") from e
+    if len(decoded) != dest.nbytes:
+        raise ShardError(f"{where}: LZ4 block decoded to {len(decoded)} bytes, expected {dest.nbytes}")
+    dest[:] = np.frombuffer(decoded, dtype=np.uint8)
 
 
 def decode_lz4_chunk(data: bytes | memoryview, out: np.ndarray, where: str = "chunk") -> None:
@@ -56,13 +94,7 @@ def decode_lz4_chunk(data: bytes | memoryview, out: np.ndarray, where: str = "ch
         if size == n:
             dest[done : done + n] = np.frombuffer(block, dtype=np.uint8)
         else:
-            try:
-                decoded = lz4.block.decompress(block, uncompressed_size=n)
-            except lz4.block.LZ4BlockError as e:
-                raise ShardError(f"{where}: corrupt LZ4 block at byte {pos}: {e}") from e
-            if len(decoded) != n:
-                raise ShardError(f"{where}: LZ4 block decoded to {len(decoded)} bytes, expected {n}")
-            dest[done : done + n] = np.frombuffer(decoded, dtype=np.uint8)
+            _decompress_into(block, dest[done : done + n], f"{where} at byte {pos}")
         pos += size
         done += n
 
@@ -104,8 +136,10 @@ class ChunkReader:
         where = f"{self.path}: images[{row}]"
         if self._fd >= 0 and info.size == _RAW_ONE_BLOCK + out.nbytes and self._read_raw(info.byte_offset, out):
             return
-        scratch = np.empty(info.size, dtype=np.uint8)
-        _, data = self.dset.id.read_direct_chunk(coord, out=scratch)
+        scratch = getattr(_SCRATCH, "buffer", None)
+        if scratch is None or scratch.nbytes < info.size:
+            scratch = _SCRATCH.buffer = np.empty(info.size, dtype=np.uint8)
+        _, data = self.dset.id.read_direct_chunk(coord, out=scratch[: info.size])
         decode_lz4_chunk(data, out, where)
 
     def _read_raw(self, offset: int, out: np.ndarray) -> bool:
