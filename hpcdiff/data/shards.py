@@ -416,7 +416,7 @@ class ShardSet:
         state = self.__dict__.copy()
         for key in ("_lock", "_handles", "_busy", "_pool"):
             state.pop(key)
-        state["_pid"] = -1
+        state["_pid"], state["_subjects"] = -1, None  # a dask task reading voxels needs no copy of the table
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
