@@ -7,7 +7,7 @@ Two cohorts of ``--subjects`` volumes at ``--shape`` (default UK Biobank's 160x2
 All numbers come from one run, page cache warm (each reader runs once untimed first, then best of ``--repeats``):
   raw file read   the shard files' bytes read into memory (what the disk must deliver; GB/s of stored bytes)
   h5py chunks     h5py's own chunk path, one volume at a time (what the loader did before)
-  hpcdiff read    ShardSet.read_many: stored chunks decoded by hpcdiff on a few threads
+  hpcdiff read    ShardSet.read_many: stored chunks decoded by hpcdiff on a few threads (and on one)
   hpcdiff Loader  the training loader, 3d, float16 batches as stored, prefetch thread, one rank
   nibabel         nib.load(...).get_fdata(dtype=float32) of the .nii.gz files
 Decoded GB/s count the float16 volumes delivered; "vs raw" compares them with the raw read's GB/s of stored bytes.
@@ -87,8 +87,7 @@ def run(root: Path, n: int, batch: int, repeats: int) -> dict[str, float]:
     def raw() -> None:
         for p in files:
             with open(p, "rb", buffering=0) as f:
-                buf = bytearray(p.stat().st_size)
-                f.readinto(buf)
+                f.readinto(np.empty(p.stat().st_size, dtype=np.uint8))
 
     def h5py_chunks() -> None:
         out = np.empty(shards.shape, dtype=np.float16)
@@ -97,9 +96,11 @@ def run(root: Path, n: int, batch: int, repeats: int) -> dict[str, float]:
                 for i in range(f["images"].shape[0]):
                     f["images"].read_direct(out, source_sel=np.s_[i, 0])
 
-    def hpcdiff_read() -> None:
+    one_thread = ShardSet.open(root, threads=1)
+
+    def hpcdiff_read(s: ShardSet = shards) -> None:
         for i in range(0, n, batch):
-            shards.read_many(range(i, min(i + batch, n)), dtype=np.float16)
+            s.read_many(range(i, min(i + batch, n)), dtype=np.float16)
 
     steps = n // batch
 
@@ -117,6 +118,7 @@ def run(root: Path, n: int, batch: int, repeats: int) -> dict[str, float]:
     t = {
         "raw file read": _timed(raw, repeats),
         "h5py chunks": _timed(h5py_chunks, repeats),
+        "hpcdiff 1 thread": _timed(lambda: hpcdiff_read(one_thread), repeats),
         "hpcdiff read": _timed(hpcdiff_read, repeats),
         "hpcdiff Loader": _timed(loader, repeats) * n / (steps * batch),
         "nibabel .nii.gz": _timed(nibabel, repeats),
