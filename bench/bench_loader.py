@@ -1,13 +1,18 @@
-"""Loader throughput against a raw read of the same bytes and against nibabel .nii.gz loads; ingest subjects/s.
+"""Loader throughput on 1 mm volumes against a raw read of the same stored bytes and against nibabel .nii.gz.
 
-All numbers come from one run on one machine, page cache warm (each reader runs once untimed first):
-  raw      np.fromfile of one flat float16 copy of every volume (the bytes the loader must deliver)
-  loader   hpcdiff Loader, 3d mode, float16 batches as stored (the training step converts them on its
-           device), prefetch thread, one rank
-  nibabel  nib.load(...).get_fdata(dtype=float32) of the cohort's .nii.gz files, the common baseline
-Ingest is timed at 1 and 2 ranks (mpirun) over the same cohort.
+Two cohorts of ``--subjects`` volumes at ``--shape`` (default UK Biobank's 160x224x160 at 1 mm), written as shards
+(float16, one LZ4 chunk per volume) and as float32 .nii.gz files:
+  brain  an ellipsoid of tissue (smooth intensity plus noise) on a zero background, so LZ4 really compresses
+  noisy  noise everywhere, as the synthetic cohort's background: LZ4 stores every chunk as one raw block
+All numbers come from one run, page cache warm (each reader runs once untimed first, then best of ``--repeats``):
+  raw file read   the shard files' bytes read into memory (what the disk must deliver; GB/s of stored bytes)
+  h5py chunks     h5py's own chunk path, one volume at a time (what the loader did before)
+  hpcdiff read    ShardSet.read_many: stored chunks decoded by hpcdiff on a few threads (and on one)
+  hpcdiff Loader  the training loader, 3d, float16 batches as stored, prefetch thread, one rank
+  nibabel         nib.load(...).get_fdata(dtype=float32) of the .nii.gz files
+Decoded GB/s count the float16 volumes delivered; "vs raw" compares them with the raw read's GB/s of stored bytes.
 
-    .venv/bin/python bench/bench_loader.py --subjects 64 --shape 96 112 96
+    .venv/bin/python bench/bench_loader.py --subjects 24 --shape 160 224 160
 """
 
 from __future__ import annotations
@@ -15,27 +20,21 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-HPCDIFF = [sys.executable, "-m", "hpcdiff"]
-MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "OMP_NUM_THREADS": "1",
-}
+from hpcdiff.data.loader import Loader
+from hpcdiff.data.shards import ShardSet, shard_name, write_manifest, write_shard
 
 
-def _timed(fn, repeats: int) -> float:
+def _timed(fn: Callable[[], None], repeats: int) -> float:
     fn()  # warm the page cache and any lazy opens
     best = float("inf")
     for _ in range(repeats):
@@ -45,76 +44,118 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def _run(argv: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run(list(map(str, argv)), check=True, env={**os.environ, **MPI_ENV}, capture_output=True)
-    return time.perf_counter() - t
+def _volume(rng: np.random.Generator, shape: tuple[int, ...], kind: str) -> np.ndarray:
+    noise = rng.standard_normal(shape, dtype=np.float32)
+    if kind == "noisy":
+        return (0.5 + 0.1 * noise).astype(np.float16)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij")
+    r2 = sum((g / a) ** 2 for g, a in zip(grid, (0.85, 0.9, 0.8)))
+    tissue = 0.6 + 0.3 * np.cos(6 * grid[0]) * np.cos(5 * grid[1]) + 0.05 * noise
+    return np.where(r2 < 1.0, tissue, 0.0).astype(np.float16)
+
+
+def make_cohort(root: Path, n: int, shape: tuple[int, ...], kind: str, per_shard: int = 8) -> None:
+    """Shards and .nii.gz files of the same ``n`` volumes."""
+    rng = np.random.default_rng(0)
+    (root / "nifti").mkdir(parents=True)
+    infos, ids = [], []
+    for s, start in enumerate(range(0, n, per_shard)):
+        volumes = np.stack([_volume(rng, shape, kind) for _ in range(start, min(start + per_shard, n))])[:, None]
+        batch = [f"sub-{i:04d}" for i in range(start, start + len(volumes))]
+        for sid, v in zip(batch, volumes):
+            nib.save(nib.Nifti1Image(v[0].astype(np.float32), np.eye(4)), root / "nifti" / f"{sid}.nii.gz")
+        infos.append(write_shard(root / shard_name(s), volumes, {"id": batch}))
+        ids += batch
+    write_manifest(
+        root,
+        shape=shape,
+        spacing=(1.0,) * 3,
+        affine=np.eye(4),
+        covariates={},
+        shards=infos,
+        provenance={"writer": "bench/bench_loader.py"},
+        subjects={"id": ids},
+    )
+
+
+def run(root: Path, n: int, batch: int, repeats: int) -> dict[str, float]:
+    shards = ShardSet.open(root)
+    files = sorted(root.glob("shard-*.h5"))
+    stored = sum(p.stat().st_size for p in files)
+    decoded = n * int(np.prod(shards.shape)) * 2
+
+    def raw() -> None:
+        for p in files:
+            with open(p, "rb", buffering=0) as f:
+                f.readinto(np.empty(p.stat().st_size, dtype=np.uint8))
+
+    def h5py_chunks() -> None:
+        out = np.empty(shards.shape, dtype=np.float16)
+        for p in files:
+            with h5py.File(p, "r", locking=False) as f:
+                for i in range(f["images"].shape[0]):
+                    f["images"].read_direct(out, source_sel=np.s_[i, 0])
+
+    one_thread = ShardSet.open(root, threads=1)
+
+    def hpcdiff_read(s: ShardSet = shards) -> None:
+        for i in range(0, n, batch):
+            s.read_many(range(i, min(i + batch, n)), dtype=np.float16)
+
+    steps = n // batch
+
+    def loader() -> None:
+        with Loader(shards, batch_size=batch, rank=0, world_size=1, seed=0) as ld:
+            for _ in islice(iter(ld), steps):
+                pass
+
+    niftis = sorted((root / "nifti").glob("*.nii.gz"))
+
+    def nibabel() -> None:
+        for f in niftis:
+            nib.load(f).get_fdata(dtype=np.float32)
+
+    t = {
+        "raw file read": _timed(raw, repeats),
+        "h5py chunks": _timed(h5py_chunks, repeats),
+        "hpcdiff 1 thread": _timed(lambda: hpcdiff_read(one_thread), repeats),
+        "hpcdiff read": _timed(hpcdiff_read, repeats),
+        "hpcdiff Loader": _timed(loader, repeats) * n / (steps * batch),
+        "nibabel .nii.gz": _timed(nibabel, repeats),
+    }
+    shards.close()
+    raw_gbs = stored / t["raw file read"] / 1e9
+    print(f"  stored {stored / 1e9:.3f} GB for {decoded / 1e9:.3f} GB of float16 ({stored / decoded:.2f}x)")
+    print(f"  {'what':16s} {'subj/s':>8s} {'GB/s':>7s} {'vs raw':>7s} {'vs nibabel':>10s}")
+    for name, seconds in t.items():
+        gbs = (stored if name == "raw file read" else decoded) / seconds / 1e9
+        vs_nib = t["nibabel .nii.gz"] / seconds
+        print(f"  {name:16s} {n / seconds:8.1f} {gbs:7.2f} {gbs / raw_gbs:6.2f}x {vs_nib:9.2f}x")
+    return t
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--subjects", type=int, default=64)
-    parser.add_argument("--shape", type=int, nargs=3, default=[96, 112, 96])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--subjects", type=int, default=24)
+    parser.add_argument("--shape", type=int, nargs=3, default=[160, 224, 160])
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="kept when given; a temporary one otherwise")
     args = parser.parse_args()
-
-    from hpcdiff.data.loader import Loader
-    from hpcdiff.data.shards import ShardSet
-
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
-    bids, n, shape = work / "bids", args.subjects, tuple(args.shape)
-    shape_args = ["--shape", *shape]
-    if not (bids / "participants.tsv").is_file():
-        subprocess.run(list(map(str, [*HPCDIFF, "cohort", "--out", bids, "--subjects", n, *shape_args])), check=True)
-
-    t_ingest = {}
-    for ranks in (1, 2):
-        out = work / f"shards-{ranks}"
-        shutil.rmtree(out, ignore_errors=True)
-        argv = [*HPCDIFF, "ingest", bids, "--out", out, *shape_args, "--spacing", 2.0, "--subjects-per-shard", 16]
-        t_ingest[ranks] = _run(argv if ranks == 1 else ["mpirun", "-n", ranks, "--bind-to", "none", *argv])
-
-    shards = ShardSet.open(work / "shards-1")
-    volume_bytes = int(np.prod(shards.shape)) * 2
-    total = volume_bytes * n
-    raw = work / "raw.f16"
-    shards.read_many(range(n), dtype=np.float16).tofile(raw)
-
-    def read_raw() -> None:
-        for i in range(0, n, args.batch):
-            count = min(args.batch, n - i) * volume_bytes // 2
-            np.fromfile(raw, dtype=np.float16, count=count, offset=i * volume_bytes)
-
-    steps = n // args.batch
-
-    def read_loader() -> None:
-        loader = Loader(shards, batch_size=args.batch, rank=0, world_size=1, seed=0)
-        for _ in islice(iter(loader), steps):
-            pass
-        loader.close()
-
-    files = sorted(bids.glob("sub-*/anat/*_T1w.nii.gz"))
-
-    def read_nibabel() -> None:
-        for f in files:
-            nib.load(f).get_fdata(dtype=np.float32)
-
-    t_raw = _timed(read_raw, args.repeats)
-    t_loader = _timed(read_loader, args.repeats) * n / (steps * args.batch)
-    t_nib = _timed(read_nibabel, args.repeats)
-    gb = total / 1e9
-    print(f"subjects {n}, shape {shape}, batch {args.batch}, {gb:.3f} GB of float16, {os.cpu_count()} CPUs")
-    for name, t in (("raw np.fromfile", t_raw), ("hpcdiff Loader", t_loader), ("nibabel .nii.gz", t_nib)):
-        print(f"  {name:16s} {n / t:9.1f} subjects/s {gb / t:7.2f} GB/s")
-    print(f"  loader / raw      {t_raw / t_loader:6.2f}x")
-    print(f"  loader / nibabel  {t_nib / t_loader:6.2f}x")
-    print(f"  shards on disk {sum(p.stat().st_size for p in (work / 'shards-1').glob('*.h5')) / 1e6:.1f} MB")
-    for ranks, t in t_ingest.items():
-        print(f"  ingest {ranks} rank(s)  {n / t:7.1f} subjects/s ({t:.1f} s incl. start-up)")
-    if args.workdir is None:
-        shutil.rmtree(work)
+    shape = tuple(args.shape)
+    print(f"{args.subjects} subjects of {shape}, batch {args.batch}, {os.cpu_count()} CPUs")
+    try:
+        for kind in ("brain", "noisy"):
+            root = work / kind
+            if not (root / "manifest.json").exists():
+                shutil.rmtree(root, ignore_errors=True)
+                make_cohort(root, args.subjects, shape, kind)
+            print(f"{kind}:")
+            run(root, args.subjects, args.batch, args.repeats)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def make_shards(root: Path, num_subjects: int, shape: tuple[int, int, int], per_
     rng = np.random.default_rng(0)
     grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
     brain = (sum(g**2 for g in grid) < 0.8).astype(np.float32)
-    infos = []
+    infos, table = [], {}
     for k, start in enumerate(range(0, num_subjects, per_shard)):
         n = min(per_shard, num_subjects - start)
         images = brain * (0.8 + 0.1 * rng.standard_normal((n, 1, *shape), dtype=np.float32))
@@ -46,6 +46,8 @@ def make_shards(root: Path, num_subjects: int, shape: tuple[int, int, int], per_
             "group": rng.choice(["control", "patient"], n),
         }
         infos.append(write_shard(root / f"shard-{k:05d}.h5", images, subjects))
+        for name, values in subjects.items():
+            table.setdefault(name, []).extend(values)
     covariates = {
         "age": {"kind": "continuous", "min": 40.0, "max": 80.0, "mean": 60.0, "std": 11.5},
         "sex": {"kind": "categorical", "levels": ["F", "M"]},
@@ -59,6 +61,7 @@ def make_shards(root: Path, num_subjects: int, shape: tuple[int, int, int], per_
         covariates=covariates,
         shards=infos,
         provenance={"writer": "bench/bench_stats.py"},
+        subjects=table,
     )
 
 

@@ -3,7 +3,8 @@
 A checkpoint is a folder ``step-000000123/`` holding ``state.pt`` and, written last, ``COMPLETE.json`` with the
 file's size and sha256. It is assembled under a temporary name, fsynced, then renamed into place: without the
 marker (or with a checksum that does not match) it does not exist. Loading walks back from the newest folder to
-the newest *valid* one, saying which it skipped and why.
+the newest *valid* one, saying which it skipped and why. In a run of many ranks one rank makes that decision and
+the others take it (``resolve``): nobody else re-hashes the file.
 """
 
 from __future__ import annotations
@@ -66,14 +67,25 @@ def _without_zip_crc() -> contextlib.AbstractContextManager[Any]:
 
 
 def _write_and_hash(path: Path, data: memoryview) -> str:
-    """Write and fsync ``data`` while another thread hashes it (hashlib releases the GIL): one pass of wall time."""
+    """Write and fsync ``data`` while another thread hashes it (hashlib releases the GIL): one pass of wall time.
+
+    After the fsync the file's pages are dropped from the page cache, so the read-back that follows reads what
+    the device holds, not the copy still in memory (where the kernel honours the advice: local file systems do).
+    """
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
         with naming(path), open(path, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+            drop_cached_pages(f.fileno())
         return digest.result()
+
+
+def drop_cached_pages(fd: int) -> None:
+    """Ask the kernel to forget the cached pages of a file whose data is on the device (after an fsync)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def weights_sha256(*state_dicts: Mapping[str, torch.Tensor]) -> str:
@@ -126,10 +138,14 @@ def list_checkpoints(root: Path, deep: bool = True) -> list[CheckpointInfo]:
     return [verify(p, deep) for p in dirs]
 
 
-def latest_valid(root: Path) -> CheckpointInfo | None:
-    """The newest valid checkpoint; newer invalid ones are reported and skipped."""
+def latest_valid(root: Path, deep: bool = True) -> CheckpointInfo | None:
+    """The newest valid checkpoint; newer invalid ones are reported and skipped.
+
+    ``deep=False`` trusts marker and size (metadata only, constant time whatever the checkpoint's size): what
+    ``hpcdiff status`` shows. Loading always takes a deep-verified one.
+    """
     for shallow in list_checkpoints(root, deep=False):
-        info = verify(shallow.path) if shallow.valid else shallow
+        info = verify(shallow.path) if shallow.valid and deep else shallow
         if info.valid:
             return info
         log.warning("skipping checkpoint %s: %s", info.path, info.reason)
@@ -188,13 +204,58 @@ def _point_latest(root: Path, final: Path) -> None:
     atomic_write(root / LATEST, (final.name + "\n").encode())
 
 
-def load(info: CheckpointInfo, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a verified checkpoint's state with ``weights_only=True`` (no code runs from the file)."""
+def load(info: CheckpointInfo, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Read a verified checkpoint's state with ``weights_only=True`` (no code runs from the file).
+
+    ``mmap`` maps the file instead of reading it: only the tensors the caller touches are read (sampling needs
+    the EMA weights alone, not the optimizer's two moments per weight).
+    """
     try:
+        if mmap:
+            return torch.load(str(info.path / STATE), map_location=map_location, weights_only=True, mmap=True)
         with open(info.path / STATE, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several kinds for a bad archive
         raise CheckpointError(f"cannot load {info.path / STATE}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which checkpoint a run resumes from, as the deciding rank found it: what the other ranks check against."""
+
+    name: str
+    sha256: str
+    weights_sha256: str | None
+
+
+def decide(root: Path) -> Decision | None:
+    """The newest valid checkpoint, deep-verified (run on one rank, then broadcast)."""
+    info = latest_valid(root)
+    if info is None:
+        return None
+    meta = json.loads((info.path / MARKER).read_text())
+    return Decision(info.path.name, str(meta["sha256"]), info.weights_sha256)
+
+
+def taken(root: Path, decision: Decision) -> CheckpointInfo:
+    """The checkpoint another rank decided on, checked by its marker alone (no re-hash on every rank).
+
+    Raises:
+        CheckpointError: the folder this rank sees is not the one decided on (a file system that does not show
+            every node the same files, or a checkpoint replaced in between).
+    """
+    info = verify(root / decision.name, deep=False)
+    try:
+        sha = json.loads((info.path / MARKER).read_text()).get("sha256") if info.valid else None
+    except (OSError, json.JSONDecodeError):
+        sha = None
+    if sha != decision.sha256:
+        raise CheckpointError(
+            f"{info.path}: this rank sees {'sha256 ' + str(sha)[:12] + '...' if sha else info.reason}, the deciding "
+            f"rank verified sha256 {decision.sha256[:12]}...; every rank must see the same {root} (a shared file "
+            "system); rerun once it does"
+        )
+    return info
 
 
 def apply_retention(

@@ -6,6 +6,10 @@ the real subjects on downsampled volumes. An MMD alone means little, so two refe
 same way: a trivial baseline (the real mean image plus Gaussian noise of the real per-voxel standard deviation),
 which a useful model must beat, and halves of the real subjects against each other (averaged over random
 splits), about as low as the number can go with this many subjects.
+
+Memory does not grow with the number of subjects: volumes are read, summarised (running mean and variance,
+downsampled rows for the MMD) and dropped in blocks sized from the voxel count, and the baseline's noise is drawn
+block by block too (the same numbers as one draw: the generator fills arrays in order).
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,10 @@ SLICE_RANGE = (0.3, 0.7)
 """Fractions of the slice axis a 2D model's training slices come from (the Loader's default)."""
 MAX_DOWNSAMPLED = 16
 """Each axis is average-pooled down to at most this many voxels before the MMD (kernels suffer in high dimension)."""
+BLOCK_BYTES = 256 << 20
+"""Float64 bytes of one block of volumes; with the temporaries of a block, peak memory stays near 1 GB."""
+SHOWN = 8
+"""Subjects of each set in the montage."""
 
 
 def pairwise_sq_dists(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -99,11 +108,78 @@ def training_slices(volumes: np.ndarray, axis: int, indices: Sequence[int], seed
     return np.stack([np.take(v, [int(s)], axis=axis) for v, s in zip(volumes, picks)])
 
 
-def _load(shards: ShardSet, limit: int, slice_axis: int | None) -> np.ndarray:
-    """Up to ``limit`` subjects spread over the set, shape (n, D, H, W); for a 2D cohort, one training-like slice."""
-    indices = _evenly(shards.num_subjects, limit)
-    x = shards.read_many(indices)[:, 0]
-    return x if slice_axis is None else training_slices(x, slice_axis, indices)
+def block_size(num_voxels: int) -> int:
+    """Subjects per block so that a block of float64 volumes takes about ``BLOCK_BYTES``."""
+    return max(1, BLOCK_BYTES // (8 * max(num_voxels, 1)))
+
+
+@dataclass
+class Summary:
+    """What quality keeps of a set of volumes: running moments, MMD rows and the montage's volumes."""
+
+    shape: tuple[int, ...]
+    n: int = 0
+    mean: np.ndarray = field(init=False)
+    m2: np.ndarray = field(init=False)  # sum of squared deviations from the mean
+    rows: list[np.ndarray] = field(default_factory=list)
+    shown: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.mean = np.zeros(self.shape)
+        self.m2 = np.zeros(self.shape)
+
+    def add(self, x: np.ndarray, factor: int) -> None:
+        """Fold a block of volumes (b, *shape) in (Chan et al.'s pairwise update of mean and variance)."""
+        x64 = x.astype(np.float64)
+        b = len(x64)
+        mean_b = x64.mean(0)
+        x64 -= mean_b
+        m2_b = np.einsum("i...,i...->...", x64, x64)
+        delta = mean_b - self.mean
+        total = self.n + b
+        self.mean += delta * (b / total)
+        self.m2 += m2_b + delta**2 * (self.n * b / total)
+        self.n = total
+        self.rows.append(downsample(x, factor))
+        self.shown += [v.copy() for v in x[: SHOWN - len(self.shown)]]
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n, 1))
+
+    @property
+    def features(self) -> np.ndarray:
+        return np.concatenate(self.rows)
+
+
+def _blocks(shards: ShardSet, indices: list[int], slice_axis: int | None) -> Iterator[np.ndarray]:
+    """Volumes of ``indices`` block by block, (b, D, H, W) float32; for a 2D cohort, one training-like slice."""
+    step = block_size(int(np.prod(shards.shape)))
+    for start in range(0, len(indices), step):
+        chunk = indices[start : start + step]
+        x = shards.read_many(chunk)[:, 0]
+        yield x if slice_axis is None else training_slices(x, slice_axis, chunk)
+
+
+def _summarise(shards: ShardSet, limit: int, slice_axis: int | None, factor: int) -> Summary:
+    """Up to ``limit`` subjects spread over the set, summarised."""
+    shape = tuple(1 if a == slice_axis else s for a, s in enumerate(shards.shape))
+    summary = Summary(shape)
+    for x in _blocks(shards, _evenly(shards.num_subjects, limit), slice_axis):
+        summary.add(x, factor)
+    return summary
+
+
+def _baseline_rows(mean: np.ndarray, std: np.ndarray, n: int, factor: int, rng: np.random.Generator) -> np.ndarray:
+    """MMD rows of ``n`` baseline volumes (mean + std x Gaussian noise), drawn block by block."""
+    step = block_size(mean.size)
+    rows = []
+    for start in range(0, n, step):
+        noise = rng.standard_normal((min(step, n - start), *mean.shape))
+        noise *= std
+        noise += mean
+        rows.append(downsample(noise, factor))
+    return np.concatenate(rows)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -128,34 +204,35 @@ def quality(
     out = Path(out)
     r_set, s_set = ShardSet.open(real), ShardSet.open(synth)
     slice_of = _slice_of(r_set, s_set, Path(real), Path(synth))
-    x_real = _load(r_set, max_subjects, slice_of)
-    x_synth = _load(s_set, max_subjects, None)
-    if len(x_real) < 4 or len(x_synth) < 2:
-        raise DataError(f"quality needs at least 4 real and 2 synthetic subjects, got {len(x_real)} and {len(x_synth)}")
+    num_real = len(_evenly(r_set.num_subjects, max_subjects))
+    num_synth = len(_evenly(s_set.num_subjects, max_subjects))
+    if num_real < 4 or num_synth < 2:
+        raise DataError(f"quality needs at least 4 real and 2 synthetic subjects, got {num_real} and {num_synth}")
+    factor = pool_factor(s_set.shape)
+    real_sum = _summarise(r_set, max_subjects, slice_of, factor)
+    synth_sum = _summarise(s_set, max_subjects, None, factor)
     affine = s_set.affine
     training = Path(s_set.manifest.get("provenance", {}).get("training_shards", "")).resolve()
     is_training = training == Path(real).resolve()
     if is_training:
         log.warning("quality: %s is the run's training set; the MMD then rewards memorising it", real)
 
-    mean_r, std_r = x_real.mean(0), x_real.std(0)
-    mean_s, std_s = x_synth.mean(0), x_synth.std(0)
+    mean_r, std_r = real_sum.mean, real_sum.std
+    mean_s, std_s = synth_sum.mean, synth_sum.std
     rng = np.random.default_rng(seed)
-    baseline = mean_r + std_r * rng.standard_normal((len(x_synth), *mean_r.shape))
-
-    factor = pool_factor(x_real.shape[1:])
-    f_real, f_synth, f_base = (downsample(v, factor) for v in (x_real, x_synth, baseline))
+    f_real, f_synth = real_sum.features, synth_sum.features
+    f_base = _baseline_rows(mean_r, std_r, num_synth, factor, rng)
     bandwidth = median_bandwidth(f_real)
     summary: dict[str, Any] = {
         "real": str(Path(real).resolve()),
         "synthetic": str(Path(synth).resolve()),
-        "num_real": len(x_real),
-        "num_synthetic": len(x_synth),
+        "num_real": num_real,
+        "num_synthetic": num_synth,
         "real_is_training_set": is_training,
         "mmd": {
             "kernel": "gaussian, bandwidth = median distance between real subjects",
             "downsample_factor": factor,
-            "downsampled_shape": [max(s // factor, 1) for s in x_real.shape[1:]],
+            "downsampled_shape": [max(s // factor, 1) for s in s_set.shape],
             "bandwidth": bandwidth,
             "mmd2_synthetic_vs_real": mmd2(f_synth, f_real, bandwidth),
             "mmd2_baseline_vs_real": mmd2(f_base, f_real, bandwidth),
@@ -172,7 +249,7 @@ def quality(
     out.mkdir(parents=True, exist_ok=True)
     for name, data in (("mean_real", mean_r), ("mean_synth", mean_s), ("std_real", std_r), ("std_synth", std_s)):
         nib.save(nifti(data, affine), out / f"{name}.nii.gz")
-    _montage(out / "montage.png", x_real, x_synth)
+    _montage(out / "montage.png", np.stack(real_sum.shown), np.stack(synth_sum.shown))
     _maps(out / "maps.png", mean_r, mean_s, std_r, std_s, summary["maps"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     r_set.close()
@@ -219,7 +296,7 @@ def _montage(path: Path, real: np.ndarray, synth: np.ndarray, columns: int = 8) 
     import matplotlib.pyplot as plt
 
     k = min(columns, len(real), len(synth))
-    vmax = float(np.percentile(real, 99.5)) or 1.0
+    vmax = float(np.percentile(real[:k], 99.5)) or 1.0
     fig, axes = plt.subplots(2, k, figsize=(1.6 * k, 3.6), squeeze=False)
     for row, (name, data) in enumerate((("real", real), ("synthetic", synth))):
         for col in range(k):

@@ -33,7 +33,8 @@ def read_status(path: Path) -> dict[str, Any]:
     status = run.read_status()
     if "heartbeat" in status:
         status["heartbeat_age_s"] = round(time.time() - status["heartbeat"], 1)
-    latest = checkpoint.latest_valid(run.checkpoints)
+    # Marker and size only: status stays instant whatever the checkpoints weigh (inspect checks the sha256).
+    latest = checkpoint.latest_valid(run.checkpoints, deep=False)
     status["latest_valid_checkpoint"] = str(latest.path) if latest else None
     status["latest_valid_step"] = latest.step if latest else None
     if latest is not None:

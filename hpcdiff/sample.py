@@ -115,7 +115,7 @@ def load_generator(run_dir: Path, device: torch.device) -> _Generator:
     info = checkpoint.latest_valid(Path(run_dir) / "checkpoints")
     if info is None:
         raise UsageError(f"no valid checkpoint in {Path(run_dir) / 'checkpoints'}: train the run first")
-    state = checkpoint.load(info, map_location="cpu")
+    state = checkpoint.load(info, map_location="cpu", mmap=True)  # only the EMA weights are read
     for key in ("ema", "model_config", "objective_config", "covariates", "config"):
         if key not in state:
             raise CheckpointError(f"{info.path}: checkpoint has no {key!r}; it was written by an older hpcdiff")
@@ -264,19 +264,24 @@ def sample(
                 for b in (range(s, min(s + opts.batch_size, rows.stop)) for s in rows[:: opts.batch_size])
             ]
         )
-        table: dict[str, list] = {
-            "id": [f"synth-{i:06d}" for i in rows],
-            "session": [""] * len(rows),
-            "source_path": [f"{run_dir}@{gen.state['step']}"] * len(rows),
-            "source_sha256": [gen.info.weights_sha256 or ""] * len(rows),
-            **{name: [columns[name][i] for i in rows] for name in columns},
-        }
-        write_shard(path, images, table, attrs={"plan_sha256": digests[index]})
+        write_shard(path, images, _table(run_dir, gen, columns, rows), attrs={"plan_sha256": digests[index]})
         written += 1
         seconds = time.perf_counter() - t0
         log.info("sample: worker %d wrote %s (%d subjects, %.1f s)", worker.index, path.name, len(rows), seconds)
-    manifest = _finish(out, shard_rows, digests, shape, spacing, affine, columns, gen.schema, provenance)
+    table = _table(run_dir, gen, columns, range(n))
+    manifest = _finish(out, shard_rows, digests, shape, spacing, affine, columns, gen.schema, provenance, table)
     return SampleResult(out, n, len(shard_rows), written, skipped, manifest)
+
+
+def _table(run_dir: Path, gen: _Generator, columns: dict[str, list], rows: range) -> dict[str, list]:
+    """The subjects table of synthetic subjects ``rows``: what each shard stores, and the manifest's whole table."""
+    return {
+        "id": [f"synth-{i:06d}" for i in rows],
+        "session": [""] * len(rows),
+        "source_path": [f"{run_dir}@{gen.state['step']}"] * len(rows),
+        "source_sha256": [gen.info.weights_sha256 or ""] * len(rows),
+        **{name: [columns[name][i] for i in rows] for name in columns},
+    }
 
 
 def _drop_stale_manifest(out: Path, provenance: dict[str, Any]) -> None:
@@ -301,6 +306,7 @@ def _finish(
     columns: dict[str, list],
     schema: dict[str, dict],
     provenance: dict[str, Any],
+    subjects: dict[str, list],
 ) -> bool:
     """Write the manifest if every shard is done; False when some other worker's shards are still missing."""
     paths = [out / shard_name(i) for i in range(len(shard_rows))]
@@ -318,7 +324,14 @@ def _finish(
         if spec["kind"] == "categorical":
             covariates[name] = {"kind": "categorical", "levels": list(spec["levels"])}  # the model's level order
     write_manifest(
-        out, shape=shape, spacing=spacing, affine=affine, covariates=covariates, shards=infos, provenance=provenance
+        out,
+        shape=shape,
+        spacing=spacing,
+        affine=affine,
+        covariates=covariates,
+        shards=infos,
+        provenance=provenance,
+        subjects=subjects,
     )
     log.info("sample: all %d shards done; wrote %s", len(paths), out / MANIFEST)
     return True

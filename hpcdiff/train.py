@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, ConfigError
+from hpcdiff.errors import EXIT_REQUEUE, CheckpointError, ConfigError
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
@@ -74,6 +75,8 @@ class _Parts:
     optimizer: torch.optim.Optimizer
     model_config: UNetConfig
     covariate_schema: dict[str, Any]
+    grid: dict[str, Any]
+    data_sha256: str
     step: int = 0
     position: int = 0
 
@@ -92,7 +95,9 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "model_config": to_dict(parts.model_config),
         "objective_config": dict(job.objective),
         "covariates": parts.covariate_schema,
-        "grid": ShardSet.open(job.data.shards).grid,
+        "grid": parts.grid,
+        # Which subjects in which order the stream positions refer to: a resume on other data is refused.
+        "data_sha256": parts.data_sha256,
     }
 
 
@@ -122,6 +127,7 @@ def train(
     *,
     deadline: float | None = None,
     allow_config_change: bool = False,
+    allow_data_change: bool = False,
     progress: bool = False,
 ) -> int:
     """Train until ``job.train.steps`` or a stop request; return 0 (done) or 75 (checkpointed, requeue me).
@@ -132,6 +138,7 @@ def train(
         ctx: the brought-up process group (or a world of one).
         deadline: wall-clock time (``time.time()``) when the job will be killed, e.g. a Slurm time limit.
         allow_config_change: accept a config that differs from the frozen one.
+        allow_data_change: resume although the shards hold other subjects than the checkpoint was trained on.
         progress: show a progress bar on rank 0.
     """
 
@@ -147,6 +154,8 @@ def train(
     except ConfigError as e:
         raise ConfigError(f"data.covariates: {e}") from e
     device = ctx.device
+    if job.train.deterministic:
+        use_deterministic_kernels()
     torch.manual_seed(seed_for(job.train.seed, -1))
     model_cfg = build_model_config(job, specs)
     model = UNet(model_cfg).to(device)
@@ -155,17 +164,9 @@ def train(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay
     )
-    parts = _Parts(model, ema, optimizer, model_cfg, {s.name: shards.covariates[s.name] for s in specs})
-
-    ckroot = run.checkpoints
-    resumed = checkpoint.latest_valid(ckroot)
-    if resumed is not None:
-        state = checkpoint.load(resumed, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        parts.step, parts.position = int(state["step"]), int(state["position"])
-        log.info("resumed from %s (step %d)", resumed.path, parts.step)
+    schema = {s.name: shards.covariates[s.name] for s in specs}
+    parts = _Parts(model, ema, optimizer, model_cfg, schema, shards.grid, shards.data_sha256)
+    resumed = _resume(parts, ctx, run, allow_data_change)
 
     if ctx.is_main:
         previous = run.read_status()
@@ -368,6 +369,50 @@ def _loop(
         run.event("completed", step=parts.step)
     ctx.barrier()
     return 0
+
+
+def use_deterministic_kernels() -> None:
+    """Deterministic GPU kernels: bitwise-repeatable steps (and so bitwise resume) on CUDA, at some speed.
+
+    cuBLAS reads its workspace setting when it starts, so it is set here, before the first kernel runs.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _resume(parts: _Parts, ctx: Context, run: RunDir, allow_data_change: bool) -> checkpoint.CheckpointInfo | None:
+    """Load the checkpoint rank 0 chose and verified; every rank checks it holds that one, on the same data."""
+    decision = ctx.run_on_main(lambda: checkpoint.decide(run.checkpoints))
+    if decision is None:
+        return None
+    info = checkpoint.taken(run.checkpoints, decision)
+    state = checkpoint.load(info, map_location=ctx.device)
+    old = state.get("data_sha256")
+    if old is None:
+        log.warning(
+            "%s records no data digest (an older hpcdiff): cannot check it was trained on these shards", info.path
+        )
+    elif old != parts.data_sha256:
+        if not allow_data_change:
+            raise ConfigError(
+                f"the shards hold other subjects (data_sha256 {parts.data_sha256}) than checkpoint {info.path} was "
+                f"trained on (data_sha256 {old}): resuming would change every epoch's order. Train on the same "
+                "shards, start a new run directory, or pass --allow-data-change to continue on the new data."
+            )
+        log.warning("resuming on other data (--allow-data-change): data_sha256 %s -> %s", old, parts.data_sha256)
+        if ctx.is_main:
+            run.event("data_change", step=int(state["step"]), old=old, new=parts.data_sha256)
+    parts.model.load_state_dict(state["model"])
+    parts.ema.load_state_dict(state["ema"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.step, parts.position = int(state["step"]), int(state["position"])
+    digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
+    if decision.weights_sha256 is not None and digest != decision.weights_sha256:
+        raise CheckpointError(f"{info.path}: weights loaded on rank {ctx.rank} differ from what rank 0 verified")
+    log.info("resumed from %s (step %d)", info.path, parts.step)
+    return info
 
 
 class _EMA:

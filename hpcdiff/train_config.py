@@ -84,6 +84,9 @@ class LoopConfig:
     """Probability of dropping the covariates of a sample (classifier-free guidance training)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast on GPU; on CPU fp32 is used and a warning says so."""
+    deterministic: bool = False
+    """Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN, cuBLAS workspace): needed for bitwise
+    resume on a GPU, at some speed; CPU training is deterministic without it."""
     collective_timeout_s: float = 300.0
     """A collective waiting longer than this for a peer fails the job instead of hanging it."""
     stop_margin_s: float = 120.0

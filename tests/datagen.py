@@ -15,7 +15,7 @@ def blob_shards(root: Path, num_subjects: int = 16, shape=(12, 12, 12), per_shar
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
-    infos = []
+    infos, table = [], {}
     ages = rng.uniform(40, 80, num_subjects)
     groups = np.array(["control", "patient"])[rng.integers(0, 2, num_subjects)]
     sexes = np.array(["F", "M"])[rng.integers(0, 2, num_subjects)]
@@ -37,6 +37,8 @@ def blob_shards(root: Path, num_subjects: int = 16, shape=(12, 12, 12), per_shar
             "group": [str(groups[i]) for i in idx],
         }
         infos.append(write_shard(root / f"shard-{s:05d}.h5", np.stack(imgs).astype(np.float32), subjects))
+        for name, values in subjects.items():
+            table.setdefault(name, []).extend(values)
     write_manifest(
         root,
         shape=shape,
@@ -55,6 +57,7 @@ def blob_shards(root: Path, num_subjects: int = 16, shape=(12, 12, 12), per_shar
         },
         shards=infos,
         provenance={"source": "tests.datagen.blob_shards"},
+        subjects=table,
     )
     return root
 

@@ -91,5 +91,6 @@ def write_cohort_shards(
         covariates=covariates,
         shards=infos,
         provenance={"writer": "tests/stats_data.py"},
+        subjects=subjects,
     )
     return {"subjects": subjects, "images": images, **reg}

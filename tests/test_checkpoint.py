@@ -137,3 +137,58 @@ def test_a_failed_background_write_is_raised_and_leaves_nothing(tmp_path):
     saver.close()
     assert [i.step for i in checkpoint.list_checkpoints(tmp_path)] == [1]
     assert not list(tmp_path.glob(".step-*"))
+
+
+def test_status_check_is_shallow_and_loading_check_is_deep(tmp_path):
+    for step in (1, 2):
+        state, digest = _state(step)
+        checkpoint.save(tmp_path, step, state, digest)
+    newest = tmp_path / "step-000000002" / "state.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # same size, other bytes
+    assert checkpoint.latest_valid(tmp_path, deep=False).step == 2  # marker and size: what status shows
+    assert checkpoint.latest_valid(tmp_path).step == 1
+
+
+def test_one_rank_decides_and_the_others_check_by_marker(tmp_path):
+    for step in (1, 2):
+        state, digest = _state(step)
+        checkpoint.save(tmp_path, step, state, digest)
+    decision = checkpoint.decide(tmp_path)
+    assert decision.name == "step-000000002" and decision.weights_sha256 == _state(2)[1]
+    assert checkpoint.taken(tmp_path, decision).step == 2
+    # A rank that sees another file under that name (a replaced checkpoint, a stale file system) refuses it.
+    marker = tmp_path / decision.name / "COMPLETE.json"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "sha256": "f" * 64}))
+    with pytest.raises(checkpoint.CheckpointError, match=r"step-000000002.*sha256 ffffffffffff.*deciding rank"):
+        checkpoint.taken(tmp_path, decision)
+    assert checkpoint.decide(tmp_path / "none") is None
+
+
+def test_written_state_leaves_the_page_cache_so_the_read_back_reads_the_device(tmp_path):
+    """After the fsync the pages are dropped: a read that may not wait for the device finds nothing cached."""
+    import os
+
+    path = tmp_path / "state.pt"
+    checkpoint._write_and_hash(path, memoryview(os.urandom(1 << 20)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            cached = os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) > 0
+        except BlockingIOError:
+            cached = False
+        except OSError as e:  # a file system without RWF_NOWAIT (tmpfs caches everything anyway)
+            pytest.skip(f"cannot probe the page cache on {tmp_path}: {e}")
+        assert not cached
+        os.pread(fd, 4096, 0)
+        assert os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT) == 4096  # now it is cached: the probe works
+    finally:
+        os.close(fd)
+
+
+def test_mmap_load_gives_the_same_tensors(tmp_path):
+    state, digest = _state(3)
+    info = checkpoint.save(tmp_path, 3, state, digest)
+    back = checkpoint.load(info, mmap=True)
+    assert torch.equal(back["ema"]["w"], state["ema"]["w"]) and back["step"] == 3

@@ -19,7 +19,7 @@ WORKER = ROOT / "tests" / "workers" / "loader_ranks.py"
 def shard_dir(tmp_path_factory):
     """13 subjects in shards of 5, 5, 3; voxel (0, 0, 0, k) of subject i holds i and the slice index k along W."""
     root = tmp_path_factory.mktemp("shards")
-    infos = []
+    infos, table = [], {}
     for s, idx in enumerate(np.array_split(np.arange(N), [5, 10])):
         images = np.zeros((len(idx), 1, *SHAPE), dtype=np.float16)
         images[:, 0] = idx[:, None, None, None]
@@ -31,12 +31,21 @@ def shard_dir(tmp_path_factory):
             "group": ["patient" if i % 3 == 0 else "control" for i in idx],
         }
         infos.append(write_shard(root / shard_name(s), images, subjects))
+        for name, values in subjects.items():
+            table.setdefault(name, []).extend(values)
     covariates = {
         "age": {"kind": "continuous", "min": 40.0, "max": 52.0, "mean": 46.0, "std": 3.7},
         "group": {"kind": "categorical", "levels": ["control", "patient"]},
     }
     write_manifest(
-        root, shape=SHAPE, spacing=(1, 1, 1), affine=np.eye(4), covariates=covariates, shards=infos, provenance={}
+        root,
+        shape=SHAPE,
+        spacing=(1, 1, 1),
+        affine=np.eye(4),
+        covariates=covariates,
+        shards=infos,
+        provenance={},
+        subjects=table,
     )
     return root
 

@@ -9,6 +9,8 @@ import pytest
 
 from hpcdiff.data.shards import (
     MANIFEST,
+    SUBJECTS_TABLE,
+    ShardInfo,
     ShardSet,
     file_sha256,
     shard_name,
@@ -41,6 +43,7 @@ def _make(root, counts=(3, 2, 4)):
         images = images + np.linspace(0, 0.5, np.prod(SHAPE)).reshape(SHAPE).astype(np.float16)
         infos.append(write_shard(root / shard_name(s), images, _subjects([f"{i:03d}" for i in idx], idx * 1.5)))
         start += k
+    every = np.arange(start)
     write_manifest(
         root,
         shape=SHAPE,
@@ -49,6 +52,7 @@ def _make(root, counts=(3, 2, 4)):
         covariates={"age": {"kind": "continuous"}, "sex": {"kind": "categorical", "levels": ["F", "M"]}},
         shards=infos,
         provenance={"test": True},
+        subjects=_subjects([f"{i:03d}" for i in every], every * 1.5),
     )
     return infos
 
@@ -83,7 +87,8 @@ def test_files_are_byte_identical_for_identical_content(tmp_path):
 
 def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path):
     _make(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST, *(shard_name(i) for i in range(3))]
+    names = [MANIFEST, *(shard_name(i) for i in range(3)), SUBJECTS_TABLE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     # A failing write leaves neither the final name nor a temporary file behind.
     with pytest.raises(ValueError):
         write_shard(tmp_path / "bad.h5", np.zeros((2, 1, *SHAPE)), {"id": ["x"]})
@@ -166,3 +171,58 @@ def test_h5dump_reads_a_shard(tmp_path):
     assert 'DATASET "id"' in out and 'ATTRIBUTE "complete"' in out
     digest = file_sha256(tmp_path / shard_name(0))
     assert digest == json.loads((tmp_path / MANIFEST).read_text())["shards"][0]["sha256"]
+
+
+def test_subjects_table_comes_from_one_file_and_reads_open_few_shards(tmp_path):
+    _make(tmp_path, counts=(3, 2, 4, 1, 2))
+    columns = json.loads((tmp_path / SUBJECTS_TABLE).read_text())["columns"]
+    assert columns["shard"] == [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4] and columns["row"][:4] == [0, 1, 2, 0]
+    shards = ShardSet.open(tmp_path, max_open=2)
+    table = shards.subjects()
+    assert shards.open_files == 0  # the table and the covariates come without opening a shard
+    assert list(table["id"]) == [f"{i:03d}" for i in range(12)] and "shard" not in table
+    assert table["age"].dtype == np.float64 and table["sex"].dtype.kind == "U"
+    for i in (0, 4, 6, 9, 11, 0):
+        assert shards.read(i).min() == i
+        assert shards.open_files <= 2  # least recently used handles are closed
+    np.testing.assert_array_equal(shards.read_many(range(12))[:, 0, 0, 0, 0], np.arange(12))
+    assert shards.open_files <= 2
+
+
+def test_subjects_table_is_checked_against_the_manifest(tmp_path):
+    _make(tmp_path)
+    path = tmp_path / SUBJECTS_TABLE
+    path.write_text(path.read_text().replace('"000"', '"999"'))
+    with pytest.raises(ShardError, match=r"subjects\.json: checksum differs.*rerun"):
+        ShardSet.open(tmp_path).subjects()
+    with pytest.raises(ValueError, match=r"subjects\['id'\] has 2 rows, the shards hold 9"):
+        write_manifest(tmp_path, **_manifest_args(), subjects={"id": ["a", "b"]})
+    bad_rows = {"id": [str(i) for i in range(9)], "row": list(range(9))}
+    with pytest.raises(ValueError, match=r"subjects\['row'\] disagrees"):
+        write_manifest(tmp_path, **_manifest_args(), subjects=bad_rows)
+
+
+def _manifest_args():
+    infos = [ShardInfo(shard_name(i), k, "0" * 64) for i, k in enumerate((3, 2, 4))]
+    return {
+        "shape": SHAPE,
+        "spacing": (1, 1, 1),
+        "affine": np.eye(4),
+        "covariates": {},
+        "shards": infos,
+        "provenance": {},
+    }
+
+
+def test_data_digest_follows_ids_checksums_and_order_not_paths(tmp_path):
+    ids = [f"{i:03d}" for i in range(9)]
+
+    def digest(**changes):
+        table = {**_subjects(ids, np.arange(9.0)), **changes}
+        return write_manifest(tmp_path, **_manifest_args(), subjects=table)["subjects"]["data_sha256"]
+
+    base = digest()
+    assert digest(source_path=["moved"] * 9) == base
+    assert digest(age=np.arange(9.0) + 1) == base
+    assert digest(id=ids[::-1]) != base
+    assert digest(source_sha256=["1" * 64] * 9) != base

@@ -157,3 +157,12 @@ def test_design_columns_and_errors():
     assert pair.levels == ("a", "c") and set(subjects["site"][pair.rows]) == {"a", "c"}
     with pytest.raises(UsageError, match="is continuous"):
         build_design(subjects, SCHEMA, group="age")
+
+
+def test_subjects_per_task_follow_the_grid():
+    from hpcdiff.stats.source import BLOCK_BYTES, MAX_BLOCK, block_for
+
+    one_mm = 160 * 224 * 160
+    assert block_for(one_mm) >= 1 and block_for(one_mm) * one_mm * 8 <= BLOCK_BYTES
+    assert block_for(48 * 56 * 48) == MAX_BLOCK
+    assert block_for(10**12) == 1

@@ -96,3 +96,11 @@ def test_unknown_top_level_section_and_bad_yaml(tmp_path, blobs):
     job.write_text("data: [unclosed\n")
     proc = hpcdiff("train", job, "--run-dir", tmp_path / "run")
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr and str(job) in proc.stderr
+
+
+def test_deterministic_flag_trains_and_repeats_bitwise_on_cpu(blobs, tmp_path):
+    job = job_yaml(tmp_path / "job.yaml", blobs, train={"steps": 2, "checkpoint_every": 2, "deterministic": True})
+    for run in ("a", "b"):
+        assert_ok(hpcdiff("train", job, "--run-dir", tmp_path / run, "--quiet"))
+    a, b = (checkpoint.latest_valid(tmp_path / run / "checkpoints") for run in "ab")
+    assert a.weights_sha256 == b.weights_sha256 is not None

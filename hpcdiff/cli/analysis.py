@@ -43,7 +43,9 @@ def add_stats(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--workers", type=int, default=2, help="worker processes or Slurm jobs (default 2)")
         q.add_argument("--partition", help="Slurm partition of the worker jobs (backend slurm)")
         q.add_argument("--walltime", default="00:30:00", help="Slurm time limit of each worker job")
-        q.add_argument("--block", type=int, default=16, help="subjects read per dask task (default 16)")
+        q.add_argument(
+            "--block", type=int, default=None, help="subjects read per dask task (default: from the grid, at most 16)"
+        )
         q.add_argument("--mask-threshold", type=float, default=0.05, help="mask: template mean > this x max")
         q.add_argument("--json", action="store_true", help="print the summary as JSON")
         q.set_defaults(handler=_run_stats)

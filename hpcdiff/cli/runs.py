@@ -31,6 +31,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-dir", required=True, help="run directory: checkpoints, status, logs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
+    p.add_argument("--allow-data-change", action="store_true", help="resume although the shards hold other subjects")
     p.add_argument("--quiet", action="store_true", help="plain periodic log lines, no progress bar")
     p.set_defaults(handler=_run_train)
 
@@ -80,6 +81,7 @@ def _run_train(args: argparse.Namespace) -> int:
             ctx,
             deadline=job_deadline(os.environ),
             allow_config_change=args.allow_config_change,
+            allow_data_change=args.allow_data_change,
             progress=not args.quiet,
         )
     finally:

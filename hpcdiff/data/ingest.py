@@ -41,6 +41,7 @@ from hpcdiff.data.shards import (
     QUARANTINE,
     ShardInfo,
     looks_done,
+    read_shard_tables,
     remove_stale_tmp,
     shard_attrs,
     shard_name,
@@ -435,6 +436,7 @@ def _finish(
         affine=target_affine(spacing, shape, centre),
         covariates=covariate_schema(plan, [c.subject for c in ingested]),
         shards=infos,
+        subjects=read_shard_tables(paths),
         provenance={
             "tool": "hpcdiff ingest",
             "version": __version__,

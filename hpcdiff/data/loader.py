@@ -56,6 +56,12 @@ def stream_indices(num_subjects: int, seed: int, start: int, count: int) -> np.n
     return out
 
 
+def rank_positions(step_position: int, rank: int, batch_size: int) -> range:
+    """Stream positions of rank ``rank``'s batch in the step that starts at ``step_position``."""
+    first = step_position + rank * batch_size
+    return range(first, first + batch_size)
+
+
 def slice_indices(size: int, seed: int, positions: np.ndarray, slice_range: tuple[float, float]) -> np.ndarray:
     """The 2D slice for each stream position: uniform over ``slice_range`` of an axis of ``size``; shape like
     ``positions``."""
@@ -147,21 +153,19 @@ class Loader:
 
     def batch_at(self, step_position: int) -> Batch:
         """This rank's batch of the step that starts at global stream position ``step_position``."""
-        first = step_position + self.rank * self.batch_size
+        positions = rank_positions(step_position, self.rank, self.batch_size)
+        first = positions.start
         indices = stream_indices(self.shards.num_subjects, self.seed, first, self.batch_size)
         if self.mode == "3d":
             buf = np.empty((self.batch_size, 1, *self.shards.shape), dtype=np.float16)
-            for i, index in enumerate(indices):
-                self.shards.read_into(int(index), buf[i, 0])
+            self.shards.read_batch_into(indices, buf)
         else:
             axis = self.slice_axis
             plane = tuple(s for a, s in enumerate(self.shards.shape) if a != axis)
-            positions = np.arange(first, first + self.batch_size)
-            slices = slice_indices(self.shards.shape[axis], self.seed, positions, self.slice_range)
+            slices = slice_indices(self.shards.shape[axis], self.seed, np.asarray(positions), self.slice_range)
             buf = np.empty((self.batch_size, 1, *plane), dtype=np.float16)
-            for i, (index, s) in enumerate(zip(indices, slices)):
-                selection = tuple(int(s) if a == axis else slice(None) for a in range(3))
-                self.shards.read_into(int(index), buf[i, 0], selection)
+            selections = [tuple(int(s) if a == axis else slice(None) for a in range(3)) for s in slices]
+            self.shards.read_batch_into(indices, buf, selections)
         return Batch(
             x=torch.from_numpy(buf),
             covariates={name: torch.from_numpy(col[indices]) for name, col in self._table.items()},

@@ -4,13 +4,22 @@ Every file is written under a temporary name in the same directory, fsynced, ren
 directory fsynced, so a reader (or a rerun after kill -9) sees either a whole file or none. A shard is "verified"
 when it opens, says ``complete``, its tables agree with its images and every chunk decompresses; the manifest holds
 each shard's sha256 so a later reader can check that nothing changed since.
+
+At scale (40,000 subjects in hundreds of shards read by hundreds of ranks) a reader must not open every shard: the
+subjects table of the whole set is written once, beside the manifest, in ``subjects.json``; a ShardSet reads it
+instead of the shards' own tables and opens only the shards it reads, through a bounded cache of handles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +29,17 @@ import hdf5plugin  # registers the LZ4 filter with h5py: must come before any h5
 import numpy as np
 
 from hpcdiff.atomic import atomic_path, file_sha256, write_text_atomic
+from hpcdiff.data.chunks import ChunkReader
 from hpcdiff.errors import ShardError
 
 FORMAT = "hpcdiff-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SUBJECTS_TABLE = "subjects.json"
+LAYOUT_COLUMNS = ("shard", "row")
+"""Columns of subjects.json that place each subject: index into the manifest's ``shards`` and row in that file."""
+IDENTITY_COLUMNS = ("id", "session", "source_sha256")
+"""What the data digest covers, in order: not paths or provenance, which move with the files."""
 QUARANTINE = "quarantine.tsv"
 IMAGES = "images"
 SUBJECTS = "subjects"
@@ -166,6 +181,18 @@ def shard_attrs(path: Path) -> dict[str, Any]:
         return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
 
 
+def read_shard_tables(paths: Sequence[Path]) -> dict[str, list[Any]]:
+    """The subjects tables stored in shard files, concatenated in order: for a writer of the manifest that did not
+    keep them (it opens every shard once; readers then never need to)."""
+    columns: dict[str, list[Any]] = {}
+    for path in paths:
+        with h5py.File(path, "r", locking=False) as f:
+            for name, dset in f[SUBJECTS].items():
+                values = dset.asstr()[()] if h5py.check_string_dtype(dset.dtype) else dset[()]
+                columns.setdefault(name, []).extend(values.tolist())
+    return columns
+
+
 def write_manifest(
     root: Path,
     *,
@@ -175,8 +202,20 @@ def write_manifest(
     covariates: Mapping[str, Any],
     shards: Sequence[ShardInfo],
     provenance: Mapping[str, Any],
+    subjects: Mapping[str, Sequence[Any]],
 ) -> dict[str, Any]:
-    """Write ``root/manifest.json`` atomically; its presence means every listed shard is complete."""
+    """Write ``root/subjects.json`` then ``root/manifest.json``, each atomically; the manifest's presence means every
+    listed shard and the subjects table are complete.
+
+    Args:
+        subjects: the whole subjects table in global order (shard by shard, row by row), one column per name:
+            ``id``, ``session``, ``source_path``, ``source_sha256`` and the covariates, as written into the shards.
+            ``shard`` (index into ``shards``) and ``row`` columns are added; if given they must agree.
+    """
+    counts = [s.num_subjects for s in shards]
+    table = subjects_columns(subjects, counts)
+    body = json.dumps({"columns": table}, separators=(",", ":")) + "\n"
+    write_text_atomic(Path(root) / SUBJECTS_TABLE, body)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -184,29 +223,67 @@ def write_manifest(
         "spacing": [float(s) for s in spacing],
         "affine": np.asarray(affine, dtype=np.float64).tolist(),
         "dtype": "float16",
-        "num_subjects": int(sum(s.num_subjects for s in shards)),
+        "num_subjects": int(sum(counts)),
         "covariates": dict(covariates),
         "shards": [s.to_json() for s in shards],
+        "subjects": {
+            "file": SUBJECTS_TABLE,
+            "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest(),
+            "data_sha256": data_sha256(table),
+        },
         "provenance": dict(provenance),
     }
     write_text_atomic(Path(root) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
 
-def _decode(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == object or arr.dtype.kind == "S":
-        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr], dtype=str)
-    return arr
+def subjects_columns(subjects: Mapping[str, Sequence[Any]], counts: Sequence[int]) -> dict[str, list[Any]]:
+    """The JSON columns of subjects.json: strings and float64 numbers as the shards store them, plus the layout."""
+    total = int(sum(counts))
+    shard = np.repeat(np.arange(len(counts)), counts)
+    row = np.concatenate([np.arange(c) for c in counts]) if counts else np.zeros(0, dtype=np.int64)
+    layout = {"shard": shard, "row": row}
+    table: dict[str, list[Any]] = {}
+    for name, values in subjects.items():
+        if len(values) != total:
+            raise ValueError(f"subjects[{name!r}] has {len(values)} rows, the shards hold {total}")
+        if name in layout:
+            if not np.array_equal(np.asarray(values, dtype=np.int64), layout[name]):
+                raise ValueError(f"subjects[{name!r}] disagrees with the shards' subject counts")
+            continue
+        arr = _column(name, values)
+        table[name] = [str(v) for v in arr] if arr.dtype == object else [float(v) for v in arr]
+    if "id" not in table:
+        raise ValueError(f"subjects needs an 'id' column (got {sorted(table)})")
+    for name, values in layout.items():
+        table[name] = [int(v) for v in values]
+    return table
+
+
+def data_sha256(columns: Mapping[str, Sequence[Any]]) -> str:
+    """Digest of which subjects, from which source files, in which order: equal digests = same training stream."""
+    n = len(columns["id"])
+    rows = [[str(v) for v in columns.get(c, [""] * n)] for c in IDENTITY_COLUMNS]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 class ShardSet:
-    """Read side of a shard directory, safe to pickle and to use after fork.
+    """Read side of a shard directory, safe to pickle and to use after fork and from several threads.
 
     h5py handles do not pickle and must not be shared across fork, so files are opened lazily and the handles are
-    keyed by process id: a child process (a DataLoader worker, a dask worker) opens its own.
+    keyed by process id: a child process (a DataLoader worker, a dask worker) opens its own. At most ``max_open``
+    shards stay open (least recently used closed first), opened read-only without HDF5 file locks (which fail or
+    linger on Lustre and NFS, and which a reader of files that never change does not need). Batches decode on
+    ``threads`` threads.
     """
 
-    def __init__(self, root: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: dict[str, Any], max_open: int = 16, threads: int | None = None) -> None:
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
         self.root = Path(root)
         self.manifest = manifest
         self.shape: tuple[int, int, int] = tuple(int(s) for s in manifest["shape"])  # type: ignore[assignment]
@@ -214,19 +291,27 @@ class ShardSet:
         self.num_subjects = int(manifest["num_subjects"])
         self.covariates: dict[str, Any] = manifest["covariates"]
         self.files = [self.root / s["file"] for s in manifest["shards"]]
+        self.max_open = max_open
+        self.threads = threads or _threads()
         counts = np.array([int(s["num_subjects"]) for s in manifest["shards"]], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(counts)])
         if self._offsets[-1] != self.num_subjects:
             raise ShardError(
                 f"{self.root / MANIFEST}: num_subjects {self.num_subjects} != sum over shards {self._offsets[-1]}"
             )
-        self._pid = -1
-        self._handles: dict[int, h5py.File] = {}
         self._subjects: dict[str, np.ndarray] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._handles: OrderedDict[int, tuple[h5py.File, ChunkReader]] = OrderedDict()
+        self._busy: dict[int, int] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
-    def open(cls, root: str | Path, verify: bool = False) -> ShardSet:
-        """Open a shard directory; with ``verify`` every file's sha256 is checked against the manifest."""
+    def open(cls, root: str | Path, verify: bool = False, max_open: int = 16, threads: int | None = None) -> ShardSet:
+        """Open a shard directory (reads the manifest only); with ``verify`` every file's sha256 is checked."""
         root = Path(root)
         mpath = root / MANIFEST
         if not mpath.is_file():
@@ -243,7 +328,12 @@ class ShardSet:
                 f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
                 f"expected {FORMAT!r} v{FORMAT_VERSION}; rewrite it with this hpcdiff version"
             )
-        shards = cls(root, manifest)
+        if not isinstance(manifest.get("subjects"), dict):
+            raise ShardError(
+                f"{mpath}: no 'subjects' entry (written by an hpcdiff without {SUBJECTS_TABLE}); rerun the job that "
+                f"wrote {root} (ingest keeps its shards and only adds the table)"
+            )
+        shards = cls(root, manifest, max_open=max_open, threads=threads)
         if verify:
             shards.verify()
         return shards
@@ -254,7 +344,7 @@ class ShardSet:
         return {k: self.manifest[k] for k in ("shape", "spacing", "affine")}
 
     def verify(self) -> None:
-        """Check every shard file against the manifest's sha256 and subject count."""
+        """Check every shard file and the subjects table against the manifest's sha256 and subject counts."""
         for shard, (entry, path) in enumerate(zip(self.manifest["shards"], self.files)):
             if not path.is_file():
                 raise ShardError(f"{path}: listed in {self.root / MANIFEST} but missing; rerun the job that wrote it")
@@ -264,47 +354,83 @@ class ShardSet:
                     f"{path}: checksum mismatch (sha256 {digest[:12]}..., manifest says {entry['sha256'][:12]}...): "
                     "the file changed or is corrupt; delete it and rerun the job that wrote it"
                 )
-            self._file(shard)
+            with self._open(shard):
+                pass
+        self.subjects()
 
     # ------------------------------------------------------------------ handles
-    def _file(self, shard: int) -> h5py.File:
+    @contextmanager
+    def _open(self, shard: int) -> Iterator[ChunkReader]:
+        """The reader of ``shard``, opened if needed and kept open (not evicted) while the block runs."""
         if self._pid != os.getpid():
             # Handles inherited through fork belong to the parent: drop (never close) them and open our own.
-            self._handles, self._pid = {}, os.getpid()
-        f = self._handles.get(shard)
-        if f is None:
-            path = self.files[shard]
-            expected = int(self.manifest["shards"][shard]["num_subjects"])
-            try:
-                f = h5py.File(path, "r")
-            except OSError as e:
+            self._reset()
+        with self._lock:
+            entry = self._handles.get(shard)
+            if entry is None:
+                entry = self._open_file(shard)
+                self._handles[shard] = entry
+            self._handles.move_to_end(shard)
+            self._busy[shard] = self._busy.get(shard, 0) + 1
+            self._evict()
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                self._busy[shard] -= 1
+                self._evict()
+
+    def _evict(self) -> None:
+        """Close least recently used handles past ``max_open`` (never one a thread is reading); lock held."""
+        excess = len(self._handles) - self.max_open
+        for shard in [s for s in self._handles if not self._busy.get(s)][: max(excess, 0)]:
+            self._handles.pop(shard)[0].close()
+
+    def _open_file(self, shard: int) -> tuple[h5py.File, ChunkReader]:
+        path = self.files[shard]
+        expected = int(self.manifest["shards"][shard]["num_subjects"])
+        try:
+            f = h5py.File(path, "r", locking=False)
+        except OSError as e:
+            raise ShardError(
+                f"{path}: cannot open ({e}): missing, truncated or corrupt; delete it and rerun the job that wrote it"
+            ) from e
+        try:
+            _check_open_shard(f, path, expected)
+            if f[IMAGES].shape[2:] != self.shape:
                 raise ShardError(
-                    f"{path}: cannot open ({e}): missing, truncated or corrupt; delete it and rerun the job that "
-                    "wrote it"
-                ) from e
-            try:
-                _check_open_shard(f, path, expected)
-                if f[IMAGES].shape[2:] != self.shape:
-                    raise ShardError(
-                        f"{path}: volumes have shape {f[IMAGES].shape[2:]}, manifest says {self.shape}; the shard "
-                        "belongs to another ingest: rerun the job that wrote it"
-                    )
-            except Exception:
-                f.close()
-                raise
-            self._handles[shard] = f
-        return f
+                    f"{path}: volumes have shape {f[IMAGES].shape[2:]}, manifest says {self.shape}; the shard "
+                    "belongs to another ingest: rerun the job that wrote it"
+                )
+            return f, ChunkReader(f[IMAGES], str(path))
+        except Exception:
+            f.close()
+            raise
+
+    @property
+    def open_files(self) -> int:
+        """Shard files this process holds open now (at most ``max_open`` plus those being read)."""
+        return len(self._handles) if self._pid == os.getpid() else 0
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, -1
+        for key in ("_lock", "_handles", "_busy", "_pool"):
+            state.pop(key)
+        state["_pid"], state["_subjects"] = -1, None  # a dask task reading voxels needs no copy of the table
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
 
     def close(self) -> None:
         if self._pid == os.getpid():
-            for f in self._handles.values():
-                f.close()
-        self._handles = {}
+            if self._pool is not None:
+                self._pool.shutdown()
+            with self._lock:
+                for f, _ in self._handles.values():
+                    f.close()
+        self._reset()
 
     def __enter__(self) -> ShardSet:
         return self
@@ -314,6 +440,45 @@ class ShardSet:
 
     def __len__(self) -> int:
         return self.num_subjects
+
+    # ------------------------------------------------------------------ the subjects table
+    def subjects(self) -> dict[str, np.ndarray]:
+        """The whole subjects table in global order: id, session, source_path, source_sha256 and covariates.
+
+        Read from subjects.json (one file, whatever the number of shards), checked against the manifest.
+        """
+        if self._subjects is None:
+            columns = self._read_table()
+            self._subjects = {
+                name: np.array(values, dtype=str if all(isinstance(v, str) for v in values) else np.float64)
+                for name, values in columns.items()
+                if name not in LAYOUT_COLUMNS
+            }
+        return self._subjects
+
+    @property
+    def data_sha256(self) -> str:
+        """Digest of the subjects' ids, sessions and source checksums in order, as the manifest records it."""
+        return str(self.manifest["subjects"]["data_sha256"])
+
+    def _read_table(self) -> dict[str, list[Any]]:
+        entry = self.manifest["subjects"]
+        path = self.root / str(entry.get("file", SUBJECTS_TABLE))
+        fix = f"rerun the job that wrote {self.root}"
+        try:
+            body = path.read_bytes()
+        except OSError as e:
+            raise ShardError(f"{path}: cannot read the subjects table ({e}); {fix}") from e
+        if hashlib.sha256(body).hexdigest() != entry.get("sha256"):
+            raise ShardError(f"{path}: checksum differs from {self.root / MANIFEST} (changed or corrupt); {fix}")
+        try:
+            columns = json.loads(body)["columns"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ShardError(f"{path}: not a subjects table ({e}); {fix}") from e
+        lengths = {name: len(values) for name, values in columns.items()}
+        if set(lengths.values()) != {self.num_subjects} and self.num_subjects:
+            raise ShardError(f"{path}: column lengths {lengths}, the manifest lists {self.num_subjects} subjects")
+        return columns
 
     # ------------------------------------------------------------------ reads
     def locate(self, index: int) -> tuple[Path, int]:
@@ -328,20 +493,33 @@ class ShardSet:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
         return shard, index - int(self._offsets[shard])
 
-    def subjects(self) -> dict[str, np.ndarray]:
-        """The whole subjects table in global order: id, session, source_path, source_sha256 and covariates."""
-        if self._subjects is None:
-            columns: dict[str, list[np.ndarray]] = {}
-            for shard in range(len(self.files)):
-                for name, dset in self._file(shard)[SUBJECTS].items():
-                    columns.setdefault(name, []).append(_decode(dset[()]))
-            self._subjects = {name: np.concatenate(parts) for name, parts in columns.items()}
-        return self._subjects
-
     def read_into(self, index: int, out: np.ndarray, selection: tuple[Any, ...] = ()) -> None:
-        """Decode subject ``index`` (optionally a sub-selection of (D, H, W)) into ``out`` (float16, no copy)."""
+        """Decode subject ``index`` (optionally a sub-selection of (D, H, W)) into ``out`` (float16)."""
         shard, row = self._locate(index)
-        self._file(shard)[IMAGES].read_direct(out, source_sel=np.s_[(row, 0, *selection)])
+        with self._open(shard) as reader:
+            if not selection and out.shape == self.shape:
+                reader.read_into(row, out)
+                return
+            # A chunk holds the whole volume: decoding it is the cost whatever part of it is wanted.
+            volume = np.empty(self.shape, dtype=np.float16)
+            reader.read_into(row, volume)
+            out[...] = volume[selection]
+
+    def read_batch_into(
+        self, indices: Sequence[int], out: np.ndarray, selections: Sequence[tuple[Any, ...]] | None = None
+    ) -> None:
+        """Decode subjects ``indices`` into ``out[i, 0]`` (float16, shape (n, 1, ...)) on several threads."""
+        jobs = [(int(index), out[i, 0], selections[i] if selections else ()) for i, index in enumerate(indices)]
+        if len(jobs) < 2 or self.threads < 2:
+            for job in jobs:
+                self.read_into(*job)
+            return
+        if self._pid != os.getpid():
+            self._reset()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="shard-decode")
+        for future in [self._pool.submit(self.read_into, *job) for job in jobs]:
+            future.result()
 
     def read(self, index: int) -> np.ndarray:
         """One volume, shape (1, D, H, W), float32."""
@@ -350,6 +528,5 @@ class ShardSet:
     def read_many(self, indices: Sequence[int], dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Volumes of ``indices`` in that order, shape (n, 1, D, H, W), float32 unless ``dtype`` says otherwise."""
         out = np.empty((len(indices), 1, *self.shape), dtype=np.float16)
-        for i, index in enumerate(indices):
-            self.read_into(index, out[i, 0])
+        self.read_batch_into(indices, out)
         return out if out.dtype == np.dtype(dtype) else out.astype(dtype)

@@ -19,7 +19,7 @@ from hpcdiff.stats.analysis import brain_mask, template
 from hpcdiff.stats.design import Design, build_design
 from hpcdiff.stats.moments import Moments
 from hpcdiff.stats.outputs import save_map
-from hpcdiff.stats.source import DEFAULT_BLOCK, open_shards, unflatten, voxel_array
+from hpcdiff.stats.source import open_shards, unflatten, voxel_array
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +28,13 @@ log = logging.getLogger(__name__)
 class StatsOptions:
     """Options every statistics command takes."""
 
-    block: int = DEFAULT_BLOCK
-    """subjects read per dask task."""
+    block: int | None = None
+    """subjects read per dask task; None sizes it from the voxel count (at most 16, fewer at 1 mm)."""
     mask_threshold: float = 0.05
     """voxels whose template mean exceeds this fraction of the largest mean are analysed."""
 
     def __post_init__(self) -> None:
-        if self.block < 1:
+        if self.block is not None and self.block < 1:
             raise ConfigError(f"block must be >= 1 (--block), got {self.block}")
         if not 0 <= self.mask_threshold < 1:
             raise ConfigError(f"mask_threshold must be in [0, 1) (--mask-threshold), got {self.mask_threshold}")
@@ -48,7 +48,7 @@ class Prepared:
     rows: np.ndarray
     moments: Moments
     mask: np.ndarray
-    block: int = DEFAULT_BLOCK
+    block: int | None = None
     passes: int = 1
     started: float = field(default_factory=time.perf_counter)
 

@@ -1,10 +1,12 @@
 """Shards as a dask array of voxels: one task per block of subjects, files opened inside the task.
 
-FIELD-NOTES: one chunk per volume made dask ~5x slower than numpy streaming, 16 volumes per chunk ~2x, so a
-task reads ``block`` subjects. The ShardSet travels to workers without file handles (it pickles lazily) and
-opens its files in whichever process runs the task; importing it imports hdf5plugin there, so LZ4 decodes on
-workers that never imported it themselves. Voxels are flattened and, once a mask exists, reduced to the mask so
-per-block statistics stay light.
+One chunk per volume made dask ~5x slower than numpy streaming and 16 volumes per chunk ~2x, so a task reads
+up to 16 subjects; at 1 mm (5.7 million voxels, ~46 MB per volume in float64) fewer, so that one task's block
+stays near ``BLOCK_BYTES`` whatever the cohort: memory per thread is set by the grid, not by the subjects.
+The ShardSet travels to workers without file handles (it pickles lazily) and opens its files in whichever
+process runs the task; importing it imports hdf5plugin there, so LZ4 decodes on workers that never imported
+it themselves. Voxels are flattened and, once a mask exists, reduced to the mask so per-block statistics stay
+light.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import numpy as np
 
 from hpcdiff.data.shards import ShardSet
 
-DEFAULT_BLOCK = 16
+MAX_BLOCK = 16
+"""Most subjects per task: enough to amortise dask's per-task cost on small grids."""
+BLOCK_BYTES = 128 << 20
+"""Float64 bytes of one task's block of volumes (the summaries convert the stored float16 once, to float64)."""
+
+
+def block_for(num_voxels: int) -> int:
+    """Subjects per task for volumes of ``num_voxels`` voxels: at most MAX_BLOCK, about BLOCK_BYTES of float64."""
+    return max(1, min(MAX_BLOCK, BLOCK_BYTES // (8 * max(num_voxels, 1))))
 
 
 def open_shards(root: str | Path) -> ShardSet:
@@ -34,7 +44,7 @@ def _read_block(shards: ShardSet, rows: np.ndarray, mask: np.ndarray | None) -> 
 
 
 def voxel_array(
-    shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int = DEFAULT_BLOCK
+    shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int | None = None
 ) -> da.Array:
     """The volumes of ``rows`` as a lazy (n, V) float16 dask array (the stored values) chunked by ``block`` subjects.
 
@@ -42,9 +52,10 @@ def voxel_array(
         shards: the shard set to read.
         rows: global subject indices, shape (n,); all subjects when None.
         mask: boolean mask over the flattened grid, shape (D*H*W,); every voxel when None.
-        block: subjects per task.
+        block: subjects per task; None sizes it from the grid (``block_for``).
     """
     rows = np.arange(shards.num_subjects) if rows is None else np.asarray(rows, dtype=np.int64)
+    block = block or block_for(int(np.prod(shards.shape)))
     num_voxels = int(np.prod(shards.shape)) if mask is None else int(mask.sum())
     # Wrapping once makes the ShardSet and the mask single graph keys, shipped to each worker once, not per task.
     shards_d = dask.delayed(shards, pure=True)
