@@ -362,6 +362,16 @@ def init(
         dev = torch.device("cpu")
     if topo.world_size == 1:
         return Context(topo, dev, None, timeout_s)
+    # Every rank names its host in its own log: where a rank ran is the first question after a failure.
+    log.info(
+        "rank %d of %d on host %s (local rank %d of %d, %s)",
+        topo.rank,
+        topo.world_size,
+        socket.gethostname(),
+        topo.local_rank,
+        topo.local_world_size,
+        f"{topo.num_nodes} node(s)" if topo.num_nodes else "nodes not reported by the launcher",
+    )
     global _process_group_started
     _process_group_started = True
     backend = "nccl" if use_cuda else "gloo"
