@@ -76,10 +76,21 @@ class SlurmCluster:
         pairs = (line.split() for line in (self.dir / "hosts").read_text().splitlines() if not line.startswith("#"))
         return {name: addr for addr, name, *_ in pairs if name in self.node_names}
 
+    @property
+    def tag(self) -> str:
+        """What the names of this cluster's namespaces (hpcdiff-TAG-nodeK) and bridge (hdbTAG) carry."""
+        return re.search(r"^TAG=(\w+)$", (self.dir / "nodes.env").read_text(), re.M).group(1)
+
+    def network_leftovers(self) -> list[str]:
+        """This cluster's namespaces and bridge that exist now (none once it is stopped)."""
+        namespaces = run(["ip", "netns", "list"], timeout=30).stdout.split()
+        links = run(["ip", "-o", "link", "show"], timeout=30).stdout
+        found = [ns for ns in namespaces if ns.startswith(f"hpcdiff-{self.tag}-")]
+        return found + ([f"hdb{self.tag}"] if f" hdb{self.tag}:" in links else [])
+
     def node_pids(self, node: str) -> list[int]:
         """Every process running on ``node`` (in its network namespace): slurmd, slurmstepd, tasks."""
-        tag = re.search(r"^TAG=(\w+)$", (self.dir / "nodes.env").read_text(), re.M).group(1)
-        proc = run(["ip", "netns", "pids", f"hpcdiff-{tag}-{node}"], timeout=30)
+        proc = run(["ip", "netns", "pids", f"hpcdiff-{self.tag}-{node}"], timeout=30)
         return [int(p) for p in proc.stdout.split()]
 
     def fail_node(self, node: str) -> None:

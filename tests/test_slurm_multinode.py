@@ -21,6 +21,7 @@ from hpcdiff import checkpoint
 from hpcdiff.atomic import file_sha256
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, PYTHON, ROOT, assert_ok, hpcdiff, mpirun, wait_for
+from tests.slurm_harness import SlurmCluster, require_namespaces
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -251,3 +252,19 @@ def test_mpirun_inside_a_two_node_allocation(slurm_two_nodes, tmp_path):
     result = json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
     assert result["world_size"] == 4 and result["launcher"] == "mpirun"
     assert result["sum"] == 10.0 and result["identical_across_ranks"]
+
+
+def test_next_start_cleans_up_a_killed_cluster_and_stop_leaves_nothing(tmp_path):
+    require_namespaces()
+    crashed = SlurmCluster.start(tmp_path / "crashed", nodes=2)
+    assert len(crashed.network_leftovers()) == 3  # node1, node2 and the bridge
+    for pidfile in (crashed.dir / "run").glob("*.pid"):  # a crash: every daemon gone, nothing cleaned up
+        os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    wait_for(lambda: not crashed.node_pids("node1"), 30, "node1's slurmd to die")
+    fresh = SlurmCluster.start(tmp_path / "fresh", nodes=2)
+    try:
+        assert crashed.network_leftovers() == []
+        assert len(fresh.network_leftovers()) == 3
+    finally:
+        fresh.stop()
+    assert fresh.network_leftovers() == []

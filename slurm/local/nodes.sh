@@ -43,6 +43,12 @@ teardown_tag() { # teardown_tag TAG: kill the processes of the tag's namespaces,
   rm -f "$REGISTRY/$1"
 }
 
+running() { # running PID: the process exists and is not a zombie (a killed daemon nobody has reaped yet)
+  local state
+  state=$(sed -n 's/^[0-9]* (.*) \([A-Z]\) .*/\1/p' "/proc/$1/stat" 2>/dev/null || true)
+  [ -n "$state" ] && [ "$state" != Z ]
+}
+
 cleanup_leftovers() { # remove the namespaces of every tag whose slurmctld is not running (a killed start, a crash)
   local tag dir
   for tag in $( (
@@ -51,7 +57,7 @@ cleanup_leftovers() { # remove the namespaces of every tag whose slurmctld is no
     ip -o link show type bridge 2>/dev/null | sed -n 's/^[0-9]*: hdb\([0-9a-f]\{6\}\)[:@].*/\1/p'
   ) | sort -u); do
     dir=$(cat "$REGISTRY/$tag" 2>/dev/null || true)
-    if [ -n "$dir" ] && [ -s "$dir/run/slurmctld.pid" ] && kill -0 "$(cat "$dir/run/slurmctld.pid")" 2>/dev/null; then
+    if [ -n "$dir" ] && [ -s "$dir/run/slurmctld.pid" ] && running "$(cat "$dir/run/slurmctld.pid")"; then
       continue # a live cluster: not a leftover
     fi
     echo "[local-slurm] removing leftovers of an earlier start (tag $tag${dir:+, $dir})"

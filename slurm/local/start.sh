@@ -78,7 +78,7 @@ TAG=$(cluster_tag "$DIR")
 say() { printf '[local-slurm] %s\n' "$*"; }
 
 alive() { # alive PIDFILE: the process recorded there is running
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+  [ -s "$1" ] && running "$(cat "$1")"
 }
 
 free_ports() { # two TCP ports the OS reports free on 127.0.0.1
