@@ -282,9 +282,8 @@ def _abort_on_uncaught(exc_type, exc, tb) -> None:  # noqa: ANN001
 def rendezvous_host(topo: Topology, hostnames: Sequence[str]) -> str:
     """The address rank 0 advertises for the rendezvous: loopback only when every rank is on this host.
 
-    Otherwise the address its peers reach: the source address of the route to a peer's host (a UDP ``connect``
-    sends nothing, it only asks the kernel for the route), else this host's name resolved to a non-loopback
-    address. Raises RuntimeError when neither exists, since a loopback address would hang the peers instead.
+    Otherwise the address its peers reach (``reachable_address``). Raises RuntimeError when there is none,
+    since a loopback address would hang the peers instead.
 
     Args:
         topo: rank 0's topology.
@@ -293,6 +292,19 @@ def rendezvous_host(topo: Topology, hostnames: Sequence[str]) -> str:
     own = hostnames[0]
     if topo.single_node and all(h == own for h in hostnames):
         return "127.0.0.1"
+    return reachable_address(own, hostnames)
+
+
+def reachable_address(own: str, hostnames: Sequence[str]) -> str:
+    """This host's address that the other hosts reach, for a server they must connect to.
+
+    The source address of the route to another host (a UDP ``connect`` sends nothing, it only asks the kernel
+    for the route), else this host's name resolved to a non-loopback address.
+
+    Args:
+        own: this host's name.
+        hostnames: the hosts of every peer (this one may be among them).
+    """
     for peer in dict.fromkeys(h for h in hostnames if h != own):
         with contextlib.suppress(OSError):
             peer_ip = socket.getaddrinfo(peer, None, socket.AF_INET)[0][4][0]

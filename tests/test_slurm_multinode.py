@@ -14,14 +14,18 @@ import shutil
 import signal
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
 from hpcdiff import checkpoint
 from hpcdiff.atomic import file_sha256
+from hpcdiff.stats import backend, run_groupdiff
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, PYTHON, ROOT, assert_ok, hpcdiff, mpirun, wait_for
 from tests.slurm_harness import SlurmCluster, require_namespaces
+from tests.stats_data import write_cohort_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -268,3 +272,20 @@ def test_next_start_cleans_up_a_killed_cluster_and_stop_leaves_nothing(tmp_path)
     finally:
         fresh.stop()
     assert fresh.network_leftovers() == []
+
+
+def test_stats_mpi_backend_under_srun_on_two_nodes_gives_the_local_maps(slurm_two_nodes, tmp_path):
+    shards = tmp_path / "shards"
+    write_cohort_shards(shards, num_subjects=24, per_shard=10)
+    with backend("local"):
+        run_groupdiff(shards, tmp_path / "local", "group", ["age", "sex"])
+    # Scheduler on rank 0 (node1), the statistics on rank 1, workers on ranks 2-3 (node2).
+    argv = ["srun", "--nodes", 2, "--ntasks-per-node", 2, *HPCDIFF, "stats", "groupdiff", shards, "--group", "group"]
+    args = ("--covariates", "age,sex", "--block", 5, "--backend", "mpi", "--out", tmp_path / "mpi")
+    proc = slurm_two_nodes.run([*argv, *args], timeout=600)
+    assert_ok(proc)
+    assert "dask-mpi on interface eth0 (2 hosts)" in proc.stderr  # not loopback: the workers are on node2
+    for name in ("t", "p", "d", "t_age", "mask"):
+        ours = nib.load(str(tmp_path / "mpi" / f"{name}.nii.gz")).get_fdata()
+        ref = nib.load(str(tmp_path / "local" / f"{name}.nii.gz")).get_fdata()
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9, err_msg=name)
