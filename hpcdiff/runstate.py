@@ -78,48 +78,53 @@ class RunDir:
             job_ended: asks Slurm whether a job has ended (default: ``scontrol``; unknown counts as not ended).
         """
         self.create()
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-        flock_held_elsewhere = False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            flock_held_elsewhere = True
-        except OSError as e:
-            if e.errno not in _FLOCK_UNSUPPORTED:
-                os.close(fd)
-                raise
-            os.close(fd)
-            fd = -1
-            self._warn_no_flock(e)
+        fd, busy = self._try_flock()
         lease = self.read_lease()
-        holder = _describe(lease) if lease else "unknown"
         reason = None
-        if lease and not lease.get("released"):
-            reason = _takeover_reason(lease, job_id, stale_after_s, job_ended or _slurm_job_ended)
-            if reason is None:
-                if fd >= 0:
-                    os.close(fd)
+        try:
+            if lease and not lease.get("released"):
+                reason = _takeover_reason(lease, job_id, stale_after_s, job_ended or _slurm_job_ended)
+                if reason is None:
+                    raise RunLockedError(
+                        f"run directory {self.root} is in use by another live writer ({_describe(lease)}); "
+                        "wait for it, stop it, or choose another --run-dir"
+                    )
+            elif busy:
+                holder = self.lock_file.read_text().strip() or "unknown"
                 raise RunLockedError(
-                    f"run directory {self.root} is in use by another live writer ({holder}); "
+                    f"run directory {self.root} is in use by another live process ({holder}); "
                     "wait for it, stop it, or choose another --run-dir"
                 )
-        elif flock_held_elsewhere:
-            os.close(fd)
-            raise RunLockedError(
-                f"run directory {self.root} is in use by another live process ({holder}); "
-                "wait for it, stop it, or choose another --run-dir"
-            )
-        if fd >= 0 and not flock_held_elsewhere:
+        except RunLockedError:
+            if fd is not None:
+                os.close(fd)
+            raise
+        if fd is not None:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}\n".encode(), 0)
-        self._lock_fd = fd if fd >= 0 and not flock_held_elsewhere else None
-        if fd >= 0 and flock_held_elsewhere:
-            os.close(fd)  # the lingering flock of a dead holder; the lease is what guards the run from here on
+        # Without the flock (a dead holder's lingering one, or none on this file system) the lease guards alone.
+        self._lock_fd = fd
         self._token = uuid.uuid4().hex
         self._lease = {"token": self._token, "job_id": job_id, "host": socket.gethostname(), "pid": os.getpid()}
         self._write_lease()
         if reason is not None:
             self.event("lock_takeover", reason=reason, previous=lease)
+
+    def _try_flock(self) -> tuple[int | None, bool]:
+        """(the locked descriptor, or None; whether another holder has the flock)."""
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None, True
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _FLOCK_UNSUPPORTED:
+                raise
+            self._warn_no_flock(e)
+            return None, False
+        return fd, False
 
     def _warn_no_flock(self, error: OSError) -> None:
         log.warning(
