@@ -193,22 +193,27 @@ def test_sigkill_of_a_rank_on_node2_resumes_exactly(slurm_two_nodes, job, two_no
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
+    """Every file below ``out``, by relative path, with its checksum."""
+    return {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_ingest_and_sample_under_srun_on_two_nodes_equal_one_rank(slurm_two_nodes, two_node_run, tmp_path):
-    bids = tmp_path / "bids"
-    assert_ok(hpcdiff("cohort", "--out", bids, "--subjects", 6, "--shape", 16, 18, 16, "--seed", 2, timeout=300))
+def test_data_jobs_under_srun_on_two_nodes_equal_one_process(slurm_two_nodes, two_node_run, tmp_path):
     srun = ["srun", "--nodes", 2, "--ntasks-per-node", 1, *HPCDIFF]
-    ingest = ("--shape", 16, 18, 16, "--subjects-per-shard", 2)
-    assert_ok(hpcdiff("ingest", bids, "--out", tmp_path / "one", *ingest, timeout=300))
-    assert_ok(slurm_two_nodes.run([*srun, "ingest", bids, "--out", tmp_path / "two", *ingest], timeout=300))
-    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
 
-    sample = ("--run-dir", two_node_run["run"], "--n", 4, "--subjects-per-shard", 2, "--steps", 4, "--seed", 7)
-    assert_ok(hpcdiff("sample", *sample, "--out", tmp_path / "s1", timeout=300))
-    assert_ok(slurm_two_nodes.run([*srun, "sample", *sample, "--out", tmp_path / "s2"], timeout=300))
-    assert _digests(tmp_path / "s2") == _digests(tmp_path / "s1")
+    def both(*args: object, out: str) -> Path:
+        """The command as one process and under srun on both nodes; asserts the same bytes; the one-process out."""
+        assert_ok(hpcdiff(*args, "--out", tmp_path / f"{out} one", timeout=300))
+        assert_ok(slurm_two_nodes.run([*srun, *args, "--out", tmp_path / f"{out} two"], timeout=300))
+        one = tmp_path / f"{out} one"
+        assert _digests(tmp_path / f"{out} two") == _digests(one), out
+        assert _digests(one)
+        return one
+
+    bids = both("cohort", "--subjects", 6, "--shape", 16, 18, 16, "--seed", 2, out="bids")
+    shards = both("ingest", bids, "--shape", 16, 18, 16, "--subjects-per-shard", 2, out="shards")
+    both("export", shards, out="export")
+    run = two_node_run["run"]
+    both("sample", "--run-dir", run, "--n", 4, "--subjects-per-shard", 2, "--steps", 4, "--seed", 7, out="samples")
 
 
 def test_node_failure_requeues_onto_the_other_node_and_resumes_exactly(slurm_two_nodes, job, one_node_run, tmp_path):
