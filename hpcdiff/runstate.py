@@ -86,7 +86,7 @@ class RunDir:
                 reason = _takeover_reason(lease, job_id, stale_after_s, job_ended or _slurm_job_ended)
                 if reason is None:
                     raise RunLockedError(
-                        f"run directory {self.root} is in use by another live writer ({_describe(lease)}); "
+                        f"run directory {self.root} is in use by another live process ({_describe(lease)}); "
                         "wait for it, stop it, or choose another --run-dir"
                     )
             elif busy:
