@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -23,6 +24,7 @@ from hpcdiff.errors import HpcdiffError
 
 Launcher = Literal["single", "mpirun", "srun", "torchrun"]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # Set once this process has brought up torch.distributed; exit_process then skips finalization.
 _process_group_started = False
@@ -54,6 +56,8 @@ class Topology:
     local_world_size: int
     launcher: Launcher
     job_id: str | None = None
+    num_nodes: int | None = None
+    """Nodes the ranks run on, as the launcher says; None when it does not say (then taken as several)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
@@ -67,37 +71,67 @@ class Topology:
 
     @property
     def single_node(self) -> bool:
-        return self.local_world_size == self.world_size
+        """True only when the launcher says every rank runs on this host; a guess is never taken for it."""
+        return self.world_size == 1 or self.num_nodes == 1
 
 
-def _int(env: Mapping[str, str], key: str, default: int) -> int:
-    value = env.get(key, "")
-    # SLURM_STEP_TASKS_PER_NODE looks like "2(x3)" or "2,1": the first node's count is ours only on the first
-    # node, so a malformed or compound value falls back to the default.
+_TASKS_GROUP = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
+
+
+def parse_tasks_per_node(value: str) -> list[int]:
+    """Expand Slurm's compressed tasks-per-node list: ``"3(x2),1"`` -> ``[3, 3, 1]``.
+
+    This is the form of ``SLURM_STEP_TASKS_PER_NODE`` and ``SLURM_TASKS_PER_NODE``; raises ValueError otherwise.
+    """
+    counts: list[int] = []
+    for group in value.split(","):
+        match = _TASKS_GROUP.match(group.strip())
+        if match is None:
+            raise ValueError(f"not a Slurm tasks-per-node list (such as '4(x2)' or '2,1'): {value!r}")
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts
+
+
+def _srun_topology(env: Mapping[str, str], rank: int, size: int, job_id: str | None) -> Topology:
+    """Rank layout of an srun step, from its tasks-per-node list and this task's node index."""
+    key = "SLURM_STEP_TASKS_PER_NODE"
     try:
-        return int(value)
-    except ValueError:
-        return default
+        counts = parse_tasks_per_node(env.get(key, str(size)))
+        node = int(env.get("SLURM_NODEID", "0"))
+        local_size, local_rank = counts[node], int(env.get("SLURM_LOCALID", "0"))
+    except (ValueError, IndexError) as e:
+        raise ValueError(
+            f"cannot place rank {rank} from {key}={env.get(key)!r}, SLURM_NODEID={env.get('SLURM_NODEID')!r} "
+            f"and SLURM_LOCALID={env.get('SLURM_LOCALID')!r}: {e}"
+        ) from e
+    if sum(counts) != size:
+        raise ValueError(f"{key}={env.get(key)!r} counts {sum(counts)} tasks but SLURM_STEP_NUM_TASKS={size}")
+    return Topology(rank, size, local_rank, local_size, "srun", job_id, num_nodes=len(counts))
 
 
 def detect_topology(env: Mapping[str, str] | None = None) -> Topology:
     """Read rank and world size from the first launcher whose variables are present.
 
-    One process with no launcher is a world of size 1.
+    One process with no launcher is a world of size 1. Under mpirun and torchrun the ranks are on one node only
+    when the local size equals the world size; under srun the step's tasks-per-node list says where each is.
     """
     env = os.environ if env is None else env
     job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID") or None
     for launcher, k_rank, k_size, k_local, k_local_size in _LAUNCHER_TABLE:
         if k_rank in env and k_size in env:
-            if launcher == "srun" and "SLURM_STEP_ID" not in env:
-                continue
             rank, size = int(env[k_rank]), int(env[k_size])
-            local_rank = _int(env, k_local, 0 if size == 1 else rank)
-            local_size = _int(env, k_local_size, size)
-            if local_rank >= local_size:
-                local_size = max(local_rank + 1, size)
-            return Topology(rank, size, local_rank, local_size, launcher, job_id)
-    return Topology(0, 1, 0, 1, "single", job_id)
+            if launcher == "srun":
+                if "SLURM_STEP_ID" not in env:
+                    continue
+                return _srun_topology(env, rank, size, job_id)
+            if k_local not in env or k_local_size not in env:
+                # Placement unknown: the local rank only picks a GPU, so the global one will do; the node count
+                # stays unknown, so the ranks are never taken to share this host.
+                return Topology(rank, size, rank, size, launcher, job_id, num_nodes=None)
+            local_rank, local_size = int(env[k_local]), int(env[k_local_size])
+            nodes = 1 if local_size == size else None
+            return Topology(rank, size, local_rank, local_size, launcher, job_id, num_nodes=nodes)
+    return Topology(0, 1, 0, 1, "single", job_id, num_nodes=1)
 
 
 @dataclass
@@ -245,6 +279,50 @@ def _abort_on_uncaught(exc_type, exc, tb) -> None:  # noqa: ANN001
     abort_peers(1)
 
 
+def rendezvous_host(topo: Topology, hostnames: Sequence[str]) -> str:
+    """The address rank 0 advertises for the rendezvous: loopback only when every rank is on this host.
+
+    Otherwise the address its peers reach (``reachable_address``). Raises RuntimeError when there is none,
+    since a loopback address would hang the peers instead.
+
+    Args:
+        topo: rank 0's topology.
+        hostnames: ``socket.gethostname()`` of every rank, in rank order.
+    """
+    own = hostnames[0]
+    if topo.single_node and all(h == own for h in hostnames):
+        return "127.0.0.1"
+    return reachable_address(own, hostnames)
+
+
+def reachable_address(own: str, hostnames: Sequence[str]) -> str:
+    """This host's address that the other hosts reach, for a server they must connect to.
+
+    The source address of the route to another host (a UDP ``connect`` sends nothing, it only asks the kernel
+    for the route), else this host's name resolved to a non-loopback address.
+
+    Args:
+        own: this host's name.
+        hostnames: the hosts of every peer (this one may be among them).
+    """
+    for peer in dict.fromkeys(h for h in hostnames if h != own):
+        with contextlib.suppress(OSError):
+            peer_ip = socket.getaddrinfo(peer, None, socket.AF_INET)[0][4][0]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect((peer_ip, 9))
+                address = probe.getsockname()[0]
+            if not address.startswith("127."):
+                return address
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(own, None, socket.AF_INET):
+            if not info[4][0].startswith("127."):
+                return info[4][0]
+    raise RuntimeError(
+        f"the ranks run on several hosts ({', '.join(sorted(set(hostnames)))}), but no address of {own} other than "
+        "loopback reaches them: check that every node's hostname resolves (DNS or /etc/hosts) to its network address"
+    )
+
+
 def _store_via_mpi(topo: Topology, timeout: _dt.timedelta) -> Any:
     """Rank 0 opens a TCPStore on an OS-chosen port; MPI broadcasts (host, port) to the others."""
     import torch.distributed as tdist
@@ -257,12 +335,15 @@ def _store_via_mpi(topo: Topology, timeout: _dt.timedelta) -> Any:
             f"MPI sees {comm.Get_size()} ranks but the launcher says {topo.world_size}: "
             "is mpi4py built against the MPI that launched this job?"
         )
+    hostnames = comm.gather(socket.gethostname(), root=0)
     store = None
     address = None
     if topo.rank == 0:
-        host = "127.0.0.1" if topo.single_node else socket.gethostname()
+        # The store's server listens on every interface; the host is what the peers are told to dial.
+        host = rendezvous_host(topo, hostnames)
         store = tdist.TCPStore(host, 0, topo.world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         address = (host, store.port)
+        log.info("rendezvous at %s:%d on %s (%d hosts)", host, store.port, hostnames[0], len(set(hostnames)))
     host, port = comm.bcast(address, root=0)
     if store is None:
         store = tdist.TCPStore(host, port, topo.world_size, is_master=False, timeout=timeout)
@@ -293,6 +374,16 @@ def init(
         dev = torch.device("cpu")
     if topo.world_size == 1:
         return Context(topo, dev, None, timeout_s)
+    # Every rank names its host in its own log: where a rank ran is the first question after a failure.
+    log.info(
+        "rank %d of %d on host %s (local rank %d of %d, %s)",
+        topo.rank,
+        topo.world_size,
+        socket.gethostname(),
+        topo.local_rank,
+        topo.local_world_size,
+        f"{topo.num_nodes} node(s)" if topo.num_nodes else "nodes not reported by the launcher",
+    )
     global _process_group_started
     _process_group_started = True
     backend = "nccl" if use_cuda else "gloo"

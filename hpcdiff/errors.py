@@ -55,3 +55,7 @@ class RunLockedError(HpcdiffError):
     """Another live process holds the run directory's lock."""
 
     exit_code = EXIT_USAGE
+
+
+class LeaseLostError(RunLockedError):
+    """Another writer took this run directory over (its holder was declared lost): stop, do not retry."""

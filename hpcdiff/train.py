@@ -28,7 +28,7 @@ from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, CheckpointError, ConfigError
+from hpcdiff.errors import EXIT_REQUEUE, CheckpointError, ConfigError, LeaseLostError
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
@@ -143,7 +143,7 @@ def train(
     """
 
     def claim_run_dir() -> None:
-        run.acquire_lock()
+        run.acquire_lock(job_id=ctx.topology.job_id)
         _prepare_run_dir(job, run, allow_config_change)
 
     ctx.run_on_main(claim_run_dir)
@@ -206,7 +206,11 @@ def train(
         grid_shape=shards.grid["shape"],
         device=device,
     )
-    net: torch.nn.Module = DistributedDataParallel(model) if ctx.distributed else model
+    # DDP re-buckets gradients in the order they became ready after its first step. A resumed run's first step
+    # would then all-reduce with another layout than the uninterrupted run's, and beyond 2 ranks the ring's
+    # summation order, hence the weights, would differ in the last bits. With find_unused_parameters DDP never
+    # re-buckets: every step of every start reduces the same way (for one traversal of the graph per step).
+    net: torch.nn.Module = DistributedDataParallel(model, find_unused_parameters=True) if ctx.distributed else model
     cpu_bf16 = job.train.precision == "bf16" and device.type != "cuda"
     if cpu_bf16:
         log.warning("train.precision=bf16 applies on GPU only; training in fp32 on %s", device)
@@ -227,7 +231,8 @@ def train(
     try:
         return _loop(job, run, ctx, parts, net, objective, loader, saver, watch, stop, deadline, use_bf16, progress)
     except BaseException as e:
-        if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt):
+        # A writer whose lease was taken over must leave the run to its new holder untouched.
+        if ctx.is_main and not isinstance(e, SystemExit | KeyboardInterrupt | LeaseLostError):
             # Best effort: on a full disk this write fails too, and the error to report is the first one.
             with contextlib.suppress(OSError):
                 run.update_status(state="failed", error=f"{type(e).__name__}: {e}")
@@ -445,6 +450,7 @@ def _save(
         # DDP keeps replicas bitwise equal; if they drift, a checkpoint of rank 0 would silently lose the others.
         raise RuntimeError(f"weights differ across ranks at step {parts.step}: {digests}")
     if saver is not None:
+        run.check_lease()  # no checkpoint from a writer the run was taken away from
         _record(run, saver.save(parts.step, _state(parts, job, ctx), digest), watch)
 
 

@@ -14,3 +14,14 @@ def slurm_cluster(tmp_path_factory):
     cluster = SlurmCluster.start(tmp_path_factory.mktemp("local slurm"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory):
+    """A real 2-node Slurm (node1, node2: network namespaces, 4 CPUs each) shared by every multi-node test."""
+    from tests.slurm_harness import SlurmCluster, require_namespaces
+
+    require_namespaces()
+    cluster = SlurmCluster.start(tmp_path_factory.mktemp("two nodes"), nodes=2)
+    yield cluster
+    cluster.stop()

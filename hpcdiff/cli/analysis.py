@@ -46,6 +46,11 @@ def add_stats(sub: argparse._SubParsersAction) -> None:
         q.add_argument(
             "--block", type=int, default=None, help="subjects read per dask task (default: from the grid, at most 16)"
         )
+        q.add_argument(
+            "--interface",
+            help="network interface of the dask scheduler and workers, e.g. ib0 (default: slurm lo; mpi: lo on one "
+            "host, else the interface of the address the other hosts reach)",
+        )
         q.add_argument("--mask-threshold", type=float, default=0.05, help="mask: template mean > this x max")
         q.add_argument("--json", action="store_true", help="print the summary as JSON")
         q.set_defaults(handler=_run_stats)
@@ -55,7 +60,9 @@ def _run_stats(args: argparse.Namespace) -> int:
     from hpcdiff import stats
 
     opts = stats.StatsOptions(block=args.block, mask_threshold=args.mask_threshold)
-    backend_opts = stats.BackendOptions(workers=args.workers, partition=args.partition, walltime=args.walltime)
+    backend_opts = stats.BackendOptions(
+        workers=args.workers, partition=args.partition, walltime=args.walltime, interface=args.interface
+    )
     listed = getattr(args, "covariates", None)
     cov = [c.strip() for c in listed.split(",") if c.strip()] if listed else []
     levels = args.levels.split(",") if getattr(args, "levels", None) else None

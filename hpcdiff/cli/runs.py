@@ -75,11 +75,14 @@ def _run_train(args: argparse.Namespace) -> int:
     _setup_rank_logging(run.rank_log(topology.rank), topology.rank, args.quiet)
     ctx = dist.init(timeout_s=job.train.collective_timeout_s, topology=topology)
     try:
+        # Only rank 0 asks Slurm for the time limit (squeue, on Slurm < 23.02), then shares it: a thousand ranks
+        # asking at once would load the controller.
+        deadline = ctx.broadcast_object(job_deadline(os.environ) if ctx.is_main else None)
         return train(
             job,
             run,
             ctx,
-            deadline=job_deadline(os.environ),
+            deadline=deadline,
             allow_config_change=args.allow_config_change,
             allow_data_change=args.allow_data_change,
             progress=not args.quiet,

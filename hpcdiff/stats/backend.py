@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -45,8 +46,9 @@ class BackendOptions:
     """Slurm time limit of each worker job."""
     timeout_s: float = 300.0
     """how long to wait for workers to join before giving up."""
-    interface: str | None = "lo"
-    """network interface of Slurm workers and scheduler: "lo" on one machine, e.g. "ib0" or None on a cluster."""
+    interface: str | None = None
+    """network interface of the scheduler and workers (e.g. "ib0"). None: for slurm "lo"; for mpi "lo" when every
+    rank is on one host, else on each rank the interface of its address that the other hosts reach."""
     job_extra: list[str] = field(default_factory=list)
     """extra #SBATCH directives, e.g. ["--account=abc"]."""
 
@@ -119,7 +121,7 @@ def backend(name: str, options: BackendOptions | None = None) -> Iterator[str]:
                 client.wait_for_workers(opts.workers, timeout=opts.timeout_s)
                 yield name
         else:
-            with _mpi_client(tmp):
+            with _mpi_client(tmp, opts.interface):
                 yield name
 
 
@@ -137,7 +139,7 @@ def _slurm_cluster(opts: BackendOptions, tmp: str) -> Iterator[object]:
         walltime=opts.walltime,
         queue=opts.partition,
         python=sys.executable,
-        interface=opts.interface,
+        interface=opts.interface or "lo",
         local_directory=tmp,
         log_directory=os.path.join(tmp, "hpcdiff-dask-slurm"),
         job_name="hpcdiff-stats",
@@ -162,7 +164,7 @@ def _quote(value: str) -> str:
 
 
 @contextlib.contextmanager
-def _mpi_client(tmp: str) -> Iterator[None]:
+def _mpi_client(tmp: str, interface: str | None) -> Iterator[None]:
     try:
         import dask_mpi
         from mpi4py import MPI
@@ -175,8 +177,27 @@ def _mpi_client(tmp: str) -> Iterator[None]:
             "backend 'mpi' runs under mpirun with at least 3 ranks (scheduler, client, workers): "
             "mpirun -n 4 hpcdiff stats ... --backend mpi"
         )
+    hostnames = MPI.COMM_WORLD.allgather(socket.gethostname())
+    interface = interface or _interface_for(hostnames)
+    log.info("dask-mpi on interface %s (%d hosts)", interface, len(set(hostnames)))
     # Ranks other than 1 serve as scheduler or worker and exit inside initialize once the client closes.
-    dask_mpi.initialize(interface="lo", nthreads=1, local_directory=tmp, dashboard=False)
+    dask_mpi.initialize(interface=interface, nthreads=1, local_directory=tmp, dashboard=False)
     with Client() as client:
         client.wait_for_workers(MPI.COMM_WORLD.Get_size() - 2, timeout=300)
         yield
+
+
+def _interface_for(hostnames: list[str]) -> str:
+    """Loopback when every rank is on this host; else the interface holding this host's reachable address."""
+    import psutil
+
+    from hpcdiff.dist import reachable_address
+
+    own = socket.gethostname()
+    if all(h == own for h in hostnames):
+        return "lo"
+    address = reachable_address(own, hostnames)
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == address for a in addrs):
+            return name
+    raise UsageError(f"no network interface of {own} holds its address {address}: pass --interface NAME")

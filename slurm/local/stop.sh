@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Stop the single-node Slurm that slurm/local/start.sh started under DIR: cancel its jobs, then stop slurmd,
-# slurmctld and munged by the PIDs recorded in DIR (never by name, so other Slurms on the machine are safe).
+# Stop the Slurm that slurm/local/start.sh started under DIR: cancel its jobs, then stop the slurmd of each node,
+# slurmctld and munged by the PIDs recorded in DIR (never by name, so other Slurms on the machine are safe), and
+# with --nodes N > 1 remove the nodes' namespaces, links and bridge (and any process still inside them).
 # Usage: slurm/local/stop.sh DIR      Safe to run twice; DIR itself is kept (delete it to forget the jobs).
 set -euo pipefail
 
@@ -15,6 +16,8 @@ fi
 DIR=$(cd "$1" && pwd)
 RUN="$DIR/run"
 export SLURM_CONF="$DIR/slurm.conf"
+# shellcheck source=slurm/local/nodes.sh
+. "$(dirname "${BASH_SOURCE[0]}")/nodes.sh"
 say() { printf '[local-slurm] %s\n' "$*"; }
 
 pid_of() { # pid_of NAME: the recorded pid of a live daemon, or nothing
@@ -32,7 +35,10 @@ wait_gone() { # wait_gone PID SECONDS: true once PID has exited
 }
 
 # Jobs first: slurmstepd outlives slurmd, so a job left running would outlive the cluster.
-if [ -n "$(pid_of slurmctld)" ] && [ -n "$(pid_of slurmd)" ]; then
+slurmds=$(cd "$RUN" 2>/dev/null && ls slurmd*.pid 2>/dev/null | sed 's/\.pid$//' || true)
+alive_slurmd=""
+for name in $slurmds; do [ -z "$(pid_of "$name")" ] || alive_slurmd=1; done
+if [ -n "$(pid_of slurmctld)" ] && [ -n "$alive_slurmd" ]; then
   jobs=$(squeue -h -o %A 2>/dev/null || true)
   if [ -n "$jobs" ]; then
     say "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
@@ -67,7 +73,12 @@ stop() { # stop NAME...: TERM the recorded daemons together, wait, KILL any left
 }
 
 stopped=0
-stop slurmd slurmctld # each takes ~2 s to shut down: in parallel
-stop munged           # last: the Slurm daemons authenticate through it until they are gone
+# shellcheck disable=SC2086  # one daemon name per word
+stop $slurmds slurmctld # each takes ~2 s to shut down: in parallel
+stop munged             # last: the Slurm daemons authenticate through it until they are gone
 rm -f "$RUN"/*.pid
+if [ -n "$(ip netns list 2>/dev/null | grep "^hpcdiff-$(cluster_tag "$DIR")-" || true)" ]; then
+  teardown_tag "$(cluster_tag "$DIR")" # whatever a killed job left running inside a node goes with it
+  say "removed the nodes' namespaces and bridge"
+fi
 [ "$stopped" -gt 0 ] || say "no daemon of $DIR was running"
