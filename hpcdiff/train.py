@@ -27,7 +27,7 @@ from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, ConfigError
+from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, ConfigError
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
@@ -95,13 +95,16 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
     }
 
 
-def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> None:
-    """Freeze the config at first start, or refuse a changed one with ConfigError."""
+def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> list[str]:
+    """Freeze the config at first start, or refuse a changed one with ConfigError; returns an allowed change.
+
+    An allowed change is frozen only once the checkpoint has loaded under it (``_freeze_change``).
+    """
     new = job_to_dict(job)
     old = run.read_config()
     if old is None:
         run.freeze_config(new)
-        return
+        return []
     changes = diff(old, new)
     if changes and not allow_config_change:
         raise ConfigError(
@@ -109,9 +112,42 @@ def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> 
             + "; ".join(changes)
             + ". Resume with the same config, or pass --allow-config-change to accept the new one."
         )
-    if changes:
-        run.event("config_change", changes=changes)
-        run.freeze_config(new)
+    return changes
+
+
+def _resume(
+    parts: _Parts, run: RunDir, device: torch.device, changes: list[str], start_over: bool
+) -> checkpoint.CheckpointInfo | None:
+    """Load the newest valid checkpoint into ``parts``; refuse one the (changed) config cannot hold.
+
+    Returns its info, or None for a fresh start. Every checkpoint invalid is refused unless ``start_over``: a
+    silent restart from step 0 would throw the run's work away.
+    """
+    resumed = checkpoint.latest_valid(run.checkpoints)
+    if resumed is None:
+        bad = checkpoint.list_checkpoints(run.checkpoints, deep=False)
+        if bad and not start_over:
+            raise BadCheckpointError(
+                f"every checkpoint in {run.checkpoints} is invalid ("
+                + "; ".join(f"{i.path.name}: {i.reason}" for i in bad[:3])
+                + (" ..." if len(bad) > 3 else "")
+                + "). Restore them from a copy, or pass --start-over to train again from step 0"
+            )
+        return None
+    state = checkpoint.load(resumed, map_location=device)
+    try:
+        parts.model.load_state_dict(state["model"])
+        parts.ema.load_state_dict(state["ema"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = str(e).strip().splitlines()[:3]
+        changed = f" after --allow-config-change ({'; '.join(changes)})" if changes else ""
+        raise ConfigError(
+            f"{resumed.path} does not fit the model of this config{changed}: {' '.join(why)}. Nothing was "
+            f"changed: resume with the config frozen in {run.config}, or train the new model in a new --run-dir"
+        ) from e
+    parts.step, parts.position = int(state["step"]), int(state["position"])
+    return resumed
 
 
 def train(
@@ -121,6 +157,7 @@ def train(
     *,
     deadline: float | None = None,
     allow_config_change: bool = False,
+    start_over: bool = False,
     progress: bool = False,
 ) -> int:
     """Train until ``job.train.steps`` or a stop request; return 0 (done) or 75 (checkpointed, requeue me).
@@ -130,15 +167,16 @@ def train(
         run: the run directory; rank 0 is its only writer.
         ctx: the brought-up process group (or a world of one).
         deadline: wall-clock time (``time.time()``) when the job will be killed, e.g. a Slurm time limit.
-        allow_config_change: accept a config that differs from the frozen one.
+        allow_config_change: accept a config that differs from the frozen one (if the checkpoint loads under it).
+        start_over: train from step 0 when every checkpoint in the run is invalid, instead of refusing.
         progress: show a progress bar on rank 0.
     """
 
-    def claim_run_dir() -> None:
+    def claim_run_dir() -> list[str]:
         run.acquire_lock()
-        _prepare_run_dir(job, run, allow_config_change)
+        return _prepare_run_dir(job, run, allow_config_change)
 
-    ctx.run_on_main(claim_run_dir)
+    changes = ctx.run_on_main(claim_run_dir)
 
     shards = ShardSet.open(job.data.shards)
     try:
@@ -156,15 +194,12 @@ def train(
     )
     parts = _Parts(model, ema, optimizer, model_cfg, {s.name: shards.covariates[s.name] for s in specs})
 
-    ckroot = run.checkpoints
-    resumed = checkpoint.latest_valid(ckroot)
+    resumed = _resume(parts, run, device, changes, start_over)
     if resumed is not None:
-        state = checkpoint.load(resumed, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        parts.step, parts.position = int(state["step"]), int(state["position"])
         log.info("resumed from %s (step %d)", resumed.path, parts.step)
+    if changes and ctx.is_main:
+        run.event("config_change", changes=changes)
+        run.freeze_config(job_to_dict(job))
 
     if ctx.is_main:
         previous = run.read_status()

@@ -30,7 +30,14 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="job config YAML (see jobs/)")
     p.add_argument("--run-dir", required=True, help="run directory: checkpoints, status, logs")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config changed (refused, with nothing written, if the checkpoint does not fit)",
+    )
+    p.add_argument(
+        "--start-over", action="store_true", help="train from step 0 when every checkpoint of the run is invalid"
+    )
     p.add_argument("--quiet", action="store_true", help="plain periodic log lines, no progress bar")
     p.set_defaults(handler=_run_train)
 
@@ -80,6 +87,7 @@ def _run_train(args: argparse.Namespace) -> int:
             ctx,
             deadline=job_deadline(os.environ),
             allow_config_change=args.allow_config_change,
+            start_over=args.start_over,
             progress=not args.quiet,
         )
     finally:

@@ -357,6 +357,8 @@ def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, *, force: bool =
     import yaml
 
     config_path, script_path = out_dir / "cluster.yaml", out_dir / "bootstrap.sh"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a folder: give a folder for cluster.yaml and bootstrap.sh")
     if config_path.exists() and not force:
         raise UsageError(f"{config_path} exists (perhaps edited by hand); pass --force to overwrite it")
     out_dir.mkdir(parents=True, exist_ok=True)
