@@ -135,11 +135,11 @@ class JobConfig:
 
 def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Read a job YAML, apply ``--set`` overrides, and check every key and value."""
-    from hpcdiff.train import build_model_config, build_objective_from
-
     data = apply_overrides(load_yaml(path), list(overrides))
     job = build(JobConfig, data)
     job.data.shards = str(Path(job.data.shards).expanduser().absolute())
+    from hpcdiff.train import build_model_config, build_objective_from  # torch: only for a config worth checking
+
     # The model and objective sections are built for real only at training time (they need the data's
     # covariates); checking them now refuses a bad key before a submission waits in a queue.
     build_model_config(job, [])

@@ -212,6 +212,11 @@ def conform(path: Path, shape: Sequence[int], spacing: float) -> np.ndarray:
         Rejected: the input cannot be used; the message says why.
     """
     try:
+        path.stat()
+    except OSError as e:  # nibabel says "no such file or no access" for all of these
+        kind = "a symbolic link to nothing" if path.is_symlink() else "no such file"
+        raise Rejected(f"unreadable: {e.strerror} ({kind}; a dangling link or a loop?)") from e
+    try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many kinds (ImageFileError, EOFError, zlib errors, OSError...)
