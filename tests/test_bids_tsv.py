@@ -96,7 +96,7 @@ def test_a_numeric_column_with_one_word_is_refused_not_made_categorical(tmp_path
 
 
 def test_missing_values_are_one_definition_and_never_a_level(tmp_path):
-    assert MISSING == {"", "n/a", "NA", "nan"} and all(is_missing(f" {m} ") for m in MISSING) and is_missing(None)
+    assert {"", "n/a", "NA", "nan"} == MISSING and all(is_missing(f" {m} ") for m in MISSING) and is_missing(None)
     root = _bids(tmp_path, "participant_id\tage\tsex\nsub-01\tn/a\tF\nsub-02\t50\tNA\nsub-03\tnan\t\n")
     plan = make_plan(root, 3)
     assert plan.kinds == {"age": "continuous", "sex": "categorical"}

@@ -130,7 +130,9 @@ _SCALARS = (
     | st.text(max_size=6)
     | st.sampled_from(["3e-4", "1e9", ".inf", "nan", "2d", "3d", "flow", "ddpm", "-1"])
 )
-_VALUES = st.recursive(_SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_KEYS, kids, max_size=4), max_leaves=12)
+_VALUES = st.recursive(
+    _SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_KEYS, kids, max_size=4), max_leaves=12
+)
 
 
 def _valid_or_exit_2(path) -> None:
