@@ -99,8 +99,8 @@ def start_detached(config: Path, run_dir: Path, ranks: int, max_restarts: int, o
     """
     run = RunDir(run_dir)
     run.create()
-    os.close(_supervisor_lock(run))  # refuse now rather than in the background
     with run.locked():  # refuses while a trainer holds the run; released before the trainer needs it
+        os.close(_supervisor_lock(run))  # refuse a second supervisor now rather than in the background
         run.update_status(state="pending", backend="local", ranks=ranks)
     argv = [
         sys.executable,
