@@ -22,6 +22,7 @@ from hpcdiff.data.ingest import ingest
 from hpcdiff.data.shards import QUARANTINE
 from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_USAGE, ConfigError, DataError
 from hpcdiff.launch.slurm import SlurmOptions
+from tests.datagen import job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff
 
 SHAPE = (16, 20, 16)
@@ -167,8 +168,10 @@ def test_an_output_folder_on_a_read_only_file_system_exits_2(cohort, tmp_path):
         proc = hpcdiff("ingest", cohort, "--out", view / "shards", *GRID)
         assert_ok(proc, EXIT_USAGE)
         assert f"{view / 'shards'}: Read-only file system; the file system is mounted read-only" in proc.stderr
-        proc = hpcdiff("train", cohort / "participants.tsv", "--run-dir", view / "run")
-        assert proc.returncode == EXIT_USAGE and "Traceback" not in proc.stderr
+        job = job_yaml(tmp_path / "job.yaml", tmp_path / "shards")
+        proc = hpcdiff("train", job, "--run-dir", view / "run")
+        assert_ok(proc, EXIT_USAGE)
+        assert f"{view / 'run'}: Read-only file system" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(target) == {"keep.txt": file_sha256(target / "keep.txt")}
 
 
