@@ -138,6 +138,14 @@ def test_bad_grid_arguments_exit_2_with_the_reason(cohort, tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_any_job_too_big_for_memory_exits_2_saying_how_much(tmp_path):
+    """Not only ingest's checked grid: a MemoryError anywhere ends with numpy's size, not a traceback."""
+    proc = hpcdiff("cohort", "--out", tmp_path / "c", "--subjects", 1, "--shape", 4000, 4000, 4000)
+    assert_ok(proc, EXIT_USAGE)
+    assert "out of memory (Unable to allocate" in proc.stderr and "GiB" in proc.stderr
+    assert "use a smaller --shape" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_exporting_an_empty_shard_set_exits_3(cohort, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cohort, broken)

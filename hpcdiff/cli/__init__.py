@@ -1,10 +1,10 @@
 """The ``hpcdiff`` command: one sub-command per job; each parses, validates and calls one library function.
 
 Nothing below this module knows the command line. Library exceptions become the exit codes of the CLI contract:
-0 done, 2 usage or config error (also a path that cannot be used: a file where a folder is needed, no
-permission, a read-only file system), 3 bad input data, 74 out of disk space (or quota, or ``ulimit -f``), 75
-stopped on a signal after a checkpoint (requeue me), 141 the reader of our output went away (``| head``), as for a
-command killed by SIGPIPE.
+0 done, 2 usage or config error (also a path that cannot be used: a file where a folder is needed, no permission,
+a read-only file system; and a job too big for memory: a rerun cannot fix either), 3 bad input data, 74 out of
+disk space (or quota, or ``ulimit -f``), 75 stopped on a signal after a checkpoint (requeue me), 141 the reader of
+our output went away (``| head``), as for a command killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -103,6 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         else:
             code = _no_space(args.command, e)
+    except MemoryError as e:  # numpy says how much: "Unable to allocate 238. GiB for an array with shape ..."
+        print(
+            f"hpcdiff {args.command}: error: out of memory ({e or 'no detail'}); use a smaller --shape, "
+            "data.batch_size or --subjects-per-shard, or a machine (Slurm --mem) with more memory",
+            file=sys.stderr,
+        )
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
     if code not in (0, EXIT_REQUEUE) and not shared:
