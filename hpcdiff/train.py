@@ -98,7 +98,7 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
 def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> list[str]:
     """Freeze the config at first start, or refuse a changed one with ConfigError; returns an allowed change.
 
-    An allowed change is frozen only once the checkpoint has loaded under it (``_freeze_change``).
+    An allowed change is frozen only once the checkpoint has loaded under it (see ``_resume``).
     """
     new = job_to_dict(job)
     old = run.read_config()
