@@ -60,6 +60,9 @@ def _column(name: str, values: Sequence[Any]) -> np.ndarray:
     raise ValueError(f"subjects[{name!r}] has unsupported dtype {arr.dtype}: use numbers or strings")
 
 
+_GROW = 8 << 20  # the in-memory file grows by this much at a time: few reallocations, little slack
+
+
 def write_shard(
     path: Path, images: np.ndarray, subjects: Mapping[str, Sequence[Any]], attrs: Mapping[str, Any] | None = None
 ) -> ShardInfo:
@@ -83,7 +86,7 @@ def write_shard(
     spatial = images.shape[2:]
     # Built in memory, written with one plain write: an HDF5 file whose disk fills up mid-write cannot be closed,
     # and its objects, still alive at exit, crash the process (exit 139) after the error was reported.
-    with h5py.File(f"{path}.{os.getpid()}.mem", "w", driver="core", backing_store=False) as f:
+    with h5py.File(f"{path}.{os.getpid()}.mem", "w", driver="core", backing_store=False, block_size=_GROW) as f:
         # maxshape lets a shard whose inputs were all quarantined still hold a (0, 1, D, H, W) dataset.
         dset = f.create_dataset(
             IMAGES,
