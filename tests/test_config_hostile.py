@@ -71,6 +71,11 @@ def test_the_set_example_names_a_real_key(tmp_path):
         apply_overrides({}, ["novalue"])
     example = str(e.value).split("for example ")[1].split(",")[0].rstrip(")")
     assert load_job(_job(tmp_path), [example]).optim.lr == 3e-4
+    from hpcdiff.cli.runs import SET_HELP
+
+    examples = re.findall(r"(?:e\.g\. | or )'?([a-z_.]+=[^' ]+)", SET_HELP)
+    assert len(examples) == 2
+    assert load_job(_job(tmp_path), examples).optim.betas == (0.9, 0.95)
 
 
 @pytest.mark.parametrize(
