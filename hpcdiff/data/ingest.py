@@ -450,7 +450,7 @@ def _finish(
         )
     # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
     # (exact when inputs share a field of view, as one protocol or one template space does).
-    centre = fov_centre(nib.load(bids_root / ingested[0].source_path)) if ingested else np.zeros(3)
+    centre = fov_centre(nib.load(bids_root / ingested[0].source_path))
     write_manifest(
         out,
         shape=shape,
