@@ -23,7 +23,7 @@ from hpcdiff.data.shards import QUARANTINE
 from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_USAGE, ConfigError, DataError
 from hpcdiff.launch.slurm import SlurmOptions
 from tests.datagen import job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff
+from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, require
 
 SHAPE = (16, 20, 16)
 GRID = ["--shape", *SHAPE, "--subjects-per-shard", 2]
@@ -53,7 +53,10 @@ def read_only(folder):
     """``folder`` bind-mounted read-only onto a sibling path (root ignores file modes, not a read-only mount)."""
     view = folder.with_name(folder.name + "-ro")
     view.mkdir()
-    subprocess.run(["mount", "--bind", folder, view], check=True)
+    bind = subprocess.run(["mount", "--bind", folder, view], capture_output=True, text=True, check=False)
+    if bind.returncode != 0:
+        view.rmdir()
+        require("rofs", False, f"a read-only bind mount needs root with CAP_SYS_ADMIN: {bind.stderr.strip()}")
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", view], check=True)
         yield view
