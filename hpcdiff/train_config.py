@@ -31,10 +31,11 @@ class DataConfig:
     """Batches read ahead in a background thread."""
 
     def __post_init__(self) -> None:
+        check(self.batch_size >= 1, "data.batch_size", f"must be at least 1, got {self.batch_size}")
         check(
-            1 <= self.batch_size <= MAX_BATCH_SIZE,
+            self.batch_size <= MAX_BATCH_SIZE,
             "data.batch_size",
-            f"must lie in [1, {MAX_BATCH_SIZE}] (subjects per rank per micro-batch), got {self.batch_size}; "
+            f"must be at most {MAX_BATCH_SIZE} (subjects per rank per micro-batch), got {self.batch_size}; "
             "for a bigger global batch raise optim.grad_accum or the number of ranks",
         )
         check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
