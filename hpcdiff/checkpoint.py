@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -27,7 +28,7 @@ from typing import Any
 import torch
 
 from hpcdiff.atomic import atomic_write, file_sha256, fsync_dir, naming
-from hpcdiff.errors import CheckpointError
+from hpcdiff.errors import BadCheckpointError, CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,15 @@ def load(info: CheckpointInfo, map_location: str | torch.device = "cpu", mmap: b
             return torch.load(str(info.path / STATE), map_location=map_location, weights_only=True, mmap=True)
         with open(info.path / STATE, "rb") as f:
             return torch.load(f, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False: that would run whatever code the file holds. Not passed on.
+        raise BadCheckpointError(
+            f"refused to load {info.path / STATE}: it holds Python objects other than tensors and plain values, "
+            "which hpcdiff never writes (a file from elsewhere, or tampered with). Do not load it another way: "
+            f"remove {info.path} (training resumes from the checkpoint before it)"
+        ) from None
     except Exception as e:  # torch raises several kinds for a bad archive
-        raise CheckpointError(f"cannot load {info.path / STATE}: {e}") from e
+        raise BadCheckpointError(f"cannot load {info.path / STATE}: {e}; remove {info.path}") from e
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,17 @@
 Each component owns a ``@dataclass(kw_only=True)`` whose ``__post_init__`` checks its values. ``build`` turns a
 nested mapping into such a dataclass, refusing unknown keys (with the closest valid name), wrong types and
 missing required fields; ``apply_overrides`` applies ``--set a.b=value`` with the value parsed as YAML.
+
+Job configs are plain data: YAML anchors and aliases are refused before anything is built from them (a few hundred
+bytes of nested aliases expand to gigabytes), and numbers are read as Python reads them (``3e-4``, which YAML 1.1
+takes for a string) and must be finite.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -22,15 +27,41 @@ from hpcdiff.errors import ConfigError
 T = TypeVar("T")
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """safe_load without anchors and aliases: a node is refused before any alias is expanded."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "YAML anchors and aliases (&name, *name, <<: *name) are not allowed in job configs; "
+                "write each value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text as plain data (``yaml.safe_load`` without anchors and aliases); raises yaml.YAMLError."""
+    try:
+        return yaml.load(text, Loader=_PlainLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping safely; a missing file or bad syntax is a ConfigError naming the file."""
+    """Read a YAML mapping safely; a missing file, bad encoding or bad syntax is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); is it the job config you meant?") from None
     try:
-        data = yaml.safe_load(text)
+        data = parse_yaml(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if data is None:
@@ -46,9 +77,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set expects key=value (for example train.lr=3e-4), got {item!r}")
+            raise ConfigError(f"--set expects key=value (for example optim.lr=3e-4), got {item!r}")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML: {e}") from e
         node = out
@@ -103,7 +134,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple or tp is tuple else items
@@ -124,14 +155,27 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
+        return _number(value, where)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     raise TypeError(f"config type {tp!r} at {where} is not supported")  # our bug, not the user's
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite float from a YAML number, or a string float() reads (``3e-4``: YAML 1.1 leaves it a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    return number
 
 
 def build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:

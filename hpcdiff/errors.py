@@ -51,6 +51,10 @@ class CheckpointError(HpcdiffError):
     """No valid checkpoint could be written or read."""
 
 
+class BadCheckpointError(DataError, CheckpointError):
+    """A checkpoint on disk cannot be used (refused by ``weights_only``, every one invalid): bad data, exit 3."""
+
+
 class RunLockedError(HpcdiffError):
     """Another live process holds the run directory's lock."""
 

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 
 from hpcdiff.atomic import atomic_write, naming
-from hpcdiff.errors import LeaseLostError, RunLockedError
+from hpcdiff.config import load_yaml
+from hpcdiff.errors import DataError, LeaseLostError, RunLockedError
 
 State = Literal["pending", "running", "stopped", "completed", "failed"]
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class RunDir:
     def read_config(self) -> dict[str, Any] | None:
         if not self.config.exists():
             return None
-        return yaml.safe_load(self.config.read_text())
+        return load_yaml(self.config)
 
     def freeze_config(self, config: dict[str, Any]) -> None:
         atomic_write(self.config, yaml.safe_dump(config, sort_keys=False).encode())
@@ -189,9 +190,17 @@ class RunDir:
     # ---------------------------------------------------------------- status
     def read_status(self) -> dict[str, Any]:
         try:
-            return json.loads(self.status_file.read_text())
+            status = json.loads(self.status_file.read_bytes().decode())
         except FileNotFoundError:
             return {}
+        except ValueError as e:  # JSON or UTF-8
+            status = f"not JSON ({e})"
+        if not isinstance(status, dict):
+            raise DataError(
+                f"{self.status_file} is corrupt: {status if isinstance(status, str) else 'not a JSON object'}. "
+                "It holds only what the run reports (checkpoints hold the training state): remove it and run again"
+            )
+        return status
 
     def update_status(self, **fields: Any) -> dict[str, Any]:
         """Merge ``fields`` into status.json (atomically) and return the new status.

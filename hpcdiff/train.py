@@ -28,7 +28,7 @@ from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, CheckpointError, ConfigError, LeaseLostError
+from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, CheckpointError, ConfigError, LeaseLostError
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
@@ -101,13 +101,16 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
     }
 
 
-def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> None:
-    """Freeze the config at first start, or refuse a changed one with ConfigError."""
+def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> list[str]:
+    """Freeze the config at first start, or refuse a changed one with ConfigError; returns an allowed change.
+
+    An allowed change is frozen only once the checkpoint has loaded under it (see ``_resume``).
+    """
     new = job_to_dict(job)
     old = run.read_config()
     if old is None:
         run.freeze_config(new)
-        return
+        return []
     changes = diff(old, new)
     if changes and not allow_config_change:
         raise ConfigError(
@@ -115,9 +118,7 @@ def _prepare_run_dir(job: JobConfig, run: RunDir, allow_config_change: bool) -> 
             + "; ".join(changes)
             + ". Resume with the same config, or pass --allow-config-change to accept the new one."
         )
-    if changes:
-        run.event("config_change", changes=changes)
-        run.freeze_config(new)
+    return changes
 
 
 def train(
@@ -128,6 +129,7 @@ def train(
     deadline: float | None = None,
     allow_config_change: bool = False,
     allow_data_change: bool = False,
+    start_over: bool = False,
     progress: bool = False,
 ) -> int:
     """Train until ``job.train.steps`` or a stop request; return 0 (done) or 75 (checkpointed, requeue me).
@@ -137,16 +139,17 @@ def train(
         run: the run directory; rank 0 is its only writer.
         ctx: the brought-up process group (or a world of one).
         deadline: wall-clock time (``time.time()``) when the job will be killed, e.g. a Slurm time limit.
-        allow_config_change: accept a config that differs from the frozen one.
+        allow_config_change: accept a config that differs from the frozen one (if the checkpoint loads under it).
         allow_data_change: resume although the shards hold other subjects than the checkpoint was trained on.
+        start_over: train from step 0 when every checkpoint in the run is invalid, instead of refusing.
         progress: show a progress bar on rank 0.
     """
 
-    def claim_run_dir() -> None:
+    def claim_run_dir() -> list[str]:
         run.acquire_lock(job_id=ctx.topology.job_id)
-        _prepare_run_dir(job, run, allow_config_change)
+        return _prepare_run_dir(job, run, allow_config_change)
 
-    ctx.run_on_main(claim_run_dir)
+    changes = ctx.run_on_main(claim_run_dir)
 
     shards = ShardSet.open(job.data.shards)
     try:
@@ -166,7 +169,10 @@ def train(
     )
     schema = {s.name: shards.covariates[s.name] for s in specs}
     parts = _Parts(model, ema, optimizer, model_cfg, schema, shards.grid, shards.data_sha256)
-    resumed = _resume(parts, ctx, run, allow_data_change)
+    resumed = _resume(parts, ctx, run, changes, start_over=start_over, allow_data_change=allow_data_change)
+    if changes and ctx.is_main:
+        run.event("config_change", changes=changes)
+        run.freeze_config(job_to_dict(job))
 
     if ctx.is_main:
         previous = run.read_status()
@@ -387,9 +393,16 @@ def use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-def _resume(parts: _Parts, ctx: Context, run: RunDir, allow_data_change: bool) -> checkpoint.CheckpointInfo | None:
-    """Load the checkpoint rank 0 chose and verified; every rank checks it holds that one, on the same data."""
-    decision = ctx.run_on_main(lambda: checkpoint.decide(run.checkpoints))
+def _resume(
+    parts: _Parts, ctx: Context, run: RunDir, changes: list[str], *, start_over: bool, allow_data_change: bool
+) -> checkpoint.CheckpointInfo | None:
+    """Load the checkpoint rank 0 chose and verified; every rank checks it holds that one, on the same data.
+
+    Returns its info, or None for a fresh start. Every checkpoint invalid is refused unless ``start_over``: a
+    silent restart from step 0 would throw the run's work away. A checkpoint the (changed) config cannot hold is
+    refused before anything is written.
+    """
+    decision = ctx.run_on_main(lambda: _decide(run, start_over))
     if decision is None:
         return None
     info = checkpoint.taken(run.checkpoints, decision)
@@ -409,15 +422,38 @@ def _resume(parts: _Parts, ctx: Context, run: RunDir, allow_data_change: bool) -
         log.warning("resuming on other data (--allow-data-change): data_sha256 %s -> %s", old, parts.data_sha256)
         if ctx.is_main:
             run.event("data_change", step=int(state["step"]), old=old, new=parts.data_sha256)
-    parts.model.load_state_dict(state["model"])
-    parts.ema.load_state_dict(state["ema"])
-    parts.optimizer.load_state_dict(state["optimizer"])
+    try:
+        parts.model.load_state_dict(state["model"])
+        parts.ema.load_state_dict(state["ema"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = str(e).strip().splitlines()[:3]
+        changed = f" after --allow-config-change ({'; '.join(changes)})" if changes else ""
+        raise ConfigError(
+            f"{info.path} does not fit the model of this config{changed}: {' '.join(why)}. Nothing was "
+            f"changed: resume with the config frozen in {run.config}, or train the new model in a new --run-dir"
+        ) from e
     parts.step, parts.position = int(state["step"]), int(state["position"])
     digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
     if decision.weights_sha256 is not None and digest != decision.weights_sha256:
         raise CheckpointError(f"{info.path}: weights loaded on rank {ctx.rank} differ from what rank 0 verified")
     log.info("resumed from %s (step %d)", info.path, parts.step)
     return info
+
+
+def _decide(run: RunDir, start_over: bool) -> checkpoint.Decision | None:
+    """Rank 0's choice of checkpoint; None for a fresh start, refused when every checkpoint there is invalid."""
+    decision = checkpoint.decide(run.checkpoints)
+    if decision is None:
+        bad = checkpoint.list_checkpoints(run.checkpoints, deep=False)
+        if bad and not start_over:
+            raise BadCheckpointError(
+                f"every checkpoint in {run.checkpoints} is invalid ("
+                + "; ".join(f"{i.path.name}: {i.reason}" for i in bad[:3])
+                + (" ..." if len(bad) > 3 else "")
+                + "). Restore them from a copy, or pass --start-over to train again from step 0"
+            )
+    return decision
 
 
 class _EMA:

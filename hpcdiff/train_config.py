@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from hpcdiff.config import apply_overrides, build, check, load_yaml, to_dict
+
+MAX_BATCH_SIZE = 65536
+"""More subjects per rank per micro-batch than any accelerator holds: a typo (1e9), refused before allocating."""
 
 
 @dataclass(kw_only=True)
@@ -28,8 +32,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "data.batch_size", f"must be at least 1, got {self.batch_size}")
+        check(
+            self.batch_size <= MAX_BATCH_SIZE,
+            "data.batch_size",
+            f"must be at most {MAX_BATCH_SIZE} (subjects per rank per micro-batch), got {self.batch_size}; "
+            "for a bigger global batch raise optim.grad_accum or the number of ranks",
+        )
         check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
-        check(self.prefetch >= 0, "data.prefetch", "must be 0 or more")
+        check(0 <= self.prefetch <= 64, "data.prefetch", f"must lie in [0, 64], got {self.prefetch}")
 
 
 @dataclass(kw_only=True)
@@ -54,7 +64,9 @@ class OptimConfig:
     """Decay of the exponential moving average of the weights used for sampling."""
 
     def __post_init__(self) -> None:
-        check(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        check(0 < self.lr < math.inf, "optim.lr", f"must be a positive finite number, got {self.lr}")
+        check(0 <= self.weight_decay < math.inf, "optim.weight_decay", f"must be 0 or more, got {self.weight_decay}")
+        check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must both lie in [0, 1), got {list(self.betas)}")
         check(self.warmup_steps >= 0, "optim.warmup_steps", "must be 0 or more")
         check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
         check(self.grad_accum >= 1, "optim.grad_accum", "must be at least 1")
@@ -104,6 +116,15 @@ class LoopConfig:
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "train.steps", f"must be at least 1, got {self.steps}")
+        check(self.seed >= 0, "train.seed", f"must be 0 or more, got {self.seed}")
+        check(self.keep_every is None or self.keep_every >= 1, "train.keep_every", "must be at least 1 or null")
+        check(
+            self.checkpoint_every_s is None or self.checkpoint_every_s > 0,
+            "train.checkpoint_every_s",
+            "must be positive or null",
+        )
+        check(self.stop_margin_s >= 0, "train.stop_margin_s", f"must be 0 or more, got {self.stop_margin_s}")
+        check(self.heartbeat_s > 0, "train.heartbeat_s", f"must be positive, got {self.heartbeat_s}")
         check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
         check(self.keep_last >= 1, "train.keep_last", "must be at least 1 (the last valid one is always kept)")
         check(self.log_every >= 1, "train.log_every", "must be at least 1")
@@ -132,6 +153,12 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     data = apply_overrides(load_yaml(path), list(overrides))
     job = build(JobConfig, data)
     job.data.shards = str(Path(job.data.shards).expanduser().absolute())
+    from hpcdiff.train import build_model_config, build_objective_from  # torch: only for a config worth checking
+
+    # The model and objective sections are built for real only at training time (they need the data's
+    # covariates); checking them now refuses a bad key before a submission waits in a queue.
+    build_model_config(job, [])
+    build_objective_from(job)
     return job
 
 

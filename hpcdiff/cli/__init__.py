@@ -1,14 +1,18 @@
 """The ``hpcdiff`` command: one sub-command per job; each parses, validates and calls one library function.
 
-Nothing below this module knows the command line. Library exceptions become the exit codes of DESIGN.md:
-0 done, 2 usage or config error, 3 bad input data, 74 out of disk space (or quota, or ``ulimit -f``), 75 stopped on
-a signal after a checkpoint (requeue me).
+Nothing below this module knows the command line. Library exceptions become the exit codes of the CLI contract:
+0 done, 2 usage or config error (also a path that cannot be used: a file where a folder is needed, no permission,
+a read-only file system; and a job too big for memory: a rerun cannot fix either), 3 bad input data, 74 out of
+disk space (or quota, or ``ulimit -f``), 75 stopped on a signal after a checkpoint (requeue me), 141 the reader of
+our output went away (``| head``), as for a command killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -18,11 +22,26 @@ from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, ad
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_report, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
-from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, NO_SPACE_ERRNOS, HpcdiffError
+from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, NO_SPACE_ERRNOS, HpcdiffError
 
 log = logging.getLogger("hpcdiff")
 
 Handler = Callable[[argparse.Namespace], int]
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader closed the pipe
+
+# A path the user gave that cannot be used as given: rerunning the same command fails the same way.
+_PATH_HINTS = {
+    errno.EROFS: "the file system is mounted read-only: write elsewhere",
+    errno.EACCES: "no permission: fix the permissions or write elsewhere",
+    errno.EPERM: "not permitted: fix the permissions or write elsewhere",
+    errno.ENOTDIR: "a file stands where a folder is needed: give a folder path",
+    errno.EISDIR: "a folder stands where a file is needed: give a file path",
+    errno.EEXIST: "a file stands where a folder is needed: give a folder path",
+    errno.ENOENT: "a folder on the way does not exist: check the path",
+    errno.ENAMETOOLONG: "the name is too long: give a shorter path",
+    errno.ELOOP: "the path loops through symbolic links: give a real path",
+}
 
 
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
@@ -68,26 +87,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = False
     try:
         code = args.handler(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
     except HpcdiffError as e:
         print(f"hpcdiff {args.command}: error: {e}", file=sys.stderr)
         code, shared = e.exit_code, e.on_every_rank
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as e:
-        if e.errno not in NO_SPACE_ERRNOS:
+        if e.errno in _PATH_HINTS:
+            what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a path"
+            print(f"hpcdiff {args.command}: error: {what}: {e.strerror}; {_PATH_HINTS[e.errno]}", file=sys.stderr)
+            code = EXIT_USAGE
+        elif e.errno not in NO_SPACE_ERRNOS:
             raise
-        where = f" writing {e.filename}" if e.filename else ""
+        else:
+            code = _no_space(args.command, e)
+    except MemoryError as e:  # numpy says how much: "Unable to allocate 238. GiB for an array with shape ..."
         print(
-            f"hpcdiff {args.command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
-            "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
-            "the same command again: finished results are kept and it goes on from where it stopped.",
+            f"hpcdiff {args.command}: error: out of memory ({e or 'no detail'}); use a smaller --shape, "
+            "data.batch_size or --subjects-per-shard, or a machine (Slurm --mem) with more memory",
             file=sys.stderr,
         )
-        code = EXIT_NO_SPACE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         code = 130
     if code not in (0, EXIT_REQUEUE) and not shared:
         # An error seen by one rank only must not leave the others waiting in a collective.
         abort_peers(code)
     return code
+
+
+def _no_space(command: str, e: OSError) -> int:
+    where = f" writing {e.filename}" if e.filename else ""
+    print(
+        f"hpcdiff {command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
+        "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
+        "the same command again: finished results are kept and it goes on from where it stopped.",
+        file=sys.stderr,
+    )
+    return EXIT_NO_SPACE
 
 
 def run() -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from hpcdiff.cli.common import positive
 
+SET_HELP = "override a config key, e.g. optim.lr=3e-4 or 'optim.betas=[0.9,0.95]' (repeatable)"
+
 
 # ---------------------------------------------------------------- demo
 def add_demo(sub: argparse._SubParsersAction) -> None:
@@ -29,9 +31,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model; resumes from the newest valid checkpoint in --run-dir")
     p.add_argument("config", help="job config YAML (see jobs/)")
     p.add_argument("--run-dir", required=True, help="run directory: checkpoints, status, logs")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--allow-config-change", action="store_true", help="resume although the config changed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--allow-data-change", action="store_true", help="resume although the shards hold other subjects")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume although the config changed (refused, with nothing written, if the checkpoint does not fit)",
+    )
+    p.add_argument(
+        "--start-over", action="store_true", help="train from step 0 when every checkpoint of the run is invalid"
+    )
     p.add_argument("--quiet", action="store_true", help="plain periodic log lines, no progress bar")
     p.set_defaults(handler=_run_train)
 
@@ -85,6 +94,7 @@ def _run_train(args: argparse.Namespace) -> int:
             deadline=deadline,
             allow_config_change=args.allow_config_change,
             allow_data_change=args.allow_data_change,
+            start_over=args.start_over,
             progress=not args.quiet,
         )
     finally:
@@ -102,7 +112,7 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="job config YAML, or a pipeline YAML")
     p.add_argument("--run-dir", help="run directory (required for a training job; overrides a pipeline's 'dir')")
     p.add_argument("--backend", choices=("local", "slurm"), default="local")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--max-restarts", type=int, default=3, help="restarts after a crash or a clean stop")
     local = p.add_argument_group("local backend")
     local.add_argument("--ranks", type=positive, default=1, help="mpirun ranks")

@@ -90,6 +90,8 @@ def export(shards: str | Path, out: str | Path) -> ExportResult:
     ctx = dist.init(device="cpu")
     try:
         with ShardSet.open(shards) as s:
+            if s.num_subjects == 0:
+                raise DataError(f"{shards} holds no subjects (see its quarantine.tsv, if any): nothing to export")
             table = s.subjects()
             ids, sessions = table["id"], table["session"]
             paths = [image_path(i, ses) for i, ses in zip(ids, sessions)]

@@ -18,11 +18,9 @@ grid of ``spacing`` mm and ``shape`` voxels centred on the centre of the input's
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -35,7 +33,7 @@ from nibabel.processing import resample_from_to
 
 from hpcdiff import __version__
 from hpcdiff.atomic import file_sha256, write_text_atomic
-from hpcdiff.data.covariates import schema_of
+from hpcdiff.data.covariates import column_kinds, is_missing, is_number, read_bids_tsv, schema_of
 from hpcdiff.data.shards import (
     MANIFEST,
     QUARANTINE,
@@ -51,6 +49,7 @@ from hpcdiff.data.shards import (
 )
 from hpcdiff.data.slicing import Worker
 from hpcdiff.errors import DataError, UsageError
+from hpcdiff.memory import require_memory
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,7 @@ _PERCENTILES = (0.5, 99.5)
 NORMALISATION = "nonzero percentiles 0.5/99.5 -> [0, 1], clipped"
 RESAMPLING = "RAS, trilinear, isotropic spacing, grid centred on each input's field-of-view centre"
 _RESERVED = ("id", "session", "source_path", "source_sha256")
+_MEMORY_FIX = "use a smaller --shape (or a larger --spacing for the same field of view) or --subjects-per-shard"
 _T1W = re.compile(r"^sub-[^_]+(_.+)?_T1w\.nii(\.gz)?$")
 
 
@@ -109,32 +109,40 @@ def _read_participants(root: Path) -> tuple[list[str], list[dict[str, str]]]:
             f"{path} is missing: a BIDS dataset needs a participants.tsv with a participant_id column and one "
             "column per covariate (age, sex, ...)"
         )
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t")
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+    table = read_bids_tsv(path)
+    columns = table.columns
     if "participant_id" not in columns:
         raise DataError(f"{path}: no participant_id column (found {columns}); add it as the first column")
     clash = [c for c in columns if c in _RESERVED]
     if clash:
         raise DataError(f"{path}: columns {clash} clash with the shard table's own names {_RESERVED}; rename them")
-    return [c for c in columns if c != "participant_id"], rows
+    if not table.rows:
+        raise DataError(f"{path}: no participants; add one line per subject under the header")
+    column_kinds(table, [c for c in columns if c != "participant_id"])  # refuse a numeric column with a typo
+    return [c for c in columns if c != "participant_id"], table.rows
 
 
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
-def _missing(text: str | None) -> bool:
-    return text is None or text.strip() in ("", "n/a", "NA", "nan")
+_is_number = is_number
+_missing = is_missing
 
 
 def _find_images(root: Path) -> list[Path]:
     found = [*root.glob("sub-*/anat/*_T1w.nii*"), *root.glob("sub-*/ses-*/anat/*_T1w.nii*")]
-    return sorted(p for p in found if _T1W.match(p.name))
+    images = sorted(p for p in found if _T1W.match(p.name))
+    if not images:
+        raise DataError(
+            f"{root}: no T1w images found; a BIDS dataset holds them as sub-<label>/[ses-<label>/]anat/"
+            "sub-<label>[_ses-<label>]_T1w.nii[.gz]: check the folder is the dataset's root"
+        )
+    return images
+
+
+def _size(path: Path) -> int:
+    """Bytes in the file; -1 for a dangling symlink or a loop, which ``conform`` then quarantines."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
 
 
 def make_plan(root: Path, subjects_per_shard: int) -> Plan:
@@ -159,9 +167,7 @@ def make_plan(root: Path, subjects_per_shard: int) -> Plan:
         rel = path.relative_to(root)
         subject = rel.parts[0]
         session = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
-        by_key.setdefault((subject, session), []).append(
-            Candidate(subject, session, rel.as_posix(), path.stat().st_size)
-        )
+        by_key.setdefault((subject, session), []).append(Candidate(subject, session, rel.as_posix(), _size(path)))
     good: list[Candidate] = []
     for (subject, session), cands in sorted(by_key.items()):
         if len(cands) > 1:
@@ -207,10 +213,19 @@ def conform(path: Path, shape: Sequence[int], spacing: float) -> np.ndarray:
         Rejected: the input cannot be used; the message says why.
     """
     try:
+        path.stat()
+    except OSError as e:  # nibabel says "no such file or no access" for all of these
+        kind = "a symbolic link to nothing" if path.is_symlink() else "no such file"
+        raise Rejected(f"unreadable: {e.strerror} ({kind}; a dangling link or a loop?)") from e
+    try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj, dtype=np.float32)
     except Exception as e:  # nibabel raises many kinds (ImageFileError, EOFError, zlib errors, OSError...)
         raise Rejected(f"unreadable: {type(e).__name__}: {e}") from e
+    if not np.isfinite(img.affine).all():
+        raise Rejected("the affine (voxel-to-world matrix) holds NaN or Inf: fix the header's sform/qform")
+    if abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise Rejected("the affine (voxel-to-world matrix) is singular (a zero voxel size): fix the sform/qform")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -326,8 +341,11 @@ def ingest(
         raise UsageError(f"--shape needs three positive sizes, got {list(shape)}")
     if subjects_per_shard <= 0:
         raise UsageError(f"--subjects-per-shard must be positive, got {subjects_per_shard}")
-    if spacing is not None and spacing <= 0:
-        raise UsageError(f"--spacing must be positive, got {spacing}")
+    if spacing is not None and not (np.isfinite(spacing) and spacing > 0):
+        raise UsageError(f"--spacing must be a positive number of mm, got {spacing}")
+    # A shard's conformed volumes (float32) plus a few working copies of one volume stay in memory at once.
+    volume = 4 * int(np.prod(shape, dtype=np.float64))
+    require_memory(volume * (subjects_per_shard + 4), f"--shape {' '.join(map(str, shape))}", _MEMORY_FIX)
     Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
     if not bids_root.is_dir():
         raise DataError(f"{bids_root} is not a directory: give the root of a BIDS dataset")
@@ -426,9 +444,14 @@ def _finish(
         return infos, quarantine
     rejected = {q[0] for q in quarantine}
     ingested = [c for shard in plan.shards for c in shard if c.source_path not in rejected]
+    if not ingested:
+        raise DataError(
+            f"no subject of {bids_root} could be ingested: all {len(quarantine)} input(s) were refused, with the "
+            f"reasons in {out / QUARANTINE}; fix them and run again"
+        )
     # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
     # (exact when inputs share a field of view, as one protocol or one template space does).
-    centre = fov_centre(nib.load(bids_root / ingested[0].source_path)) if ingested else np.zeros(3)
+    centre = fov_centre(nib.load(bids_root / ingested[0].source_path))
     write_manifest(
         out,
         shape=shape,

@@ -28,7 +28,7 @@ import h5py
 import hdf5plugin  # registers the LZ4 filter with h5py: must come before any h5py file access
 import numpy as np
 
-from hpcdiff.atomic import atomic_path, file_sha256, write_text_atomic
+from hpcdiff.atomic import atomic_write, file_sha256, write_text_atomic
 from hpcdiff.data.chunks import ChunkReader
 from hpcdiff.errors import ShardError
 
@@ -74,6 +74,9 @@ def _column(name: str, values: Sequence[Any]) -> np.ndarray:
     raise ValueError(f"subjects[{name!r}] has unsupported dtype {arr.dtype}: use numbers or strings")
 
 
+_GROW = 8 << 20  # the in-memory file grows by this much at a time: few reallocations, little slack
+
+
 def write_shard(
     path: Path, images: np.ndarray, subjects: Mapping[str, Sequence[Any]], attrs: Mapping[str, Any] | None = None
 ) -> ShardInfo:
@@ -95,7 +98,9 @@ def write_shard(
         if len(col) != k:
             raise ValueError(f"subjects[{name!r}] has {len(col)} rows for {k} images")
     spatial = images.shape[2:]
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # Built in memory, written with one plain write: an HDF5 file whose disk fills up mid-write cannot be closed,
+    # and its objects, still alive at exit, crash the process (exit 139) after the error was reported.
+    with h5py.File(f"{path}.{os.getpid()}.mem", "w", driver="core", backing_store=False, block_size=_GROW) as f:
         # maxshape lets a shard whose inputs were all quarantined still hold a (0, 1, D, H, W) dataset.
         dset = f.create_dataset(
             IMAGES,
@@ -116,7 +121,10 @@ def write_shard(
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["num_subjects"] = k
         f.attrs["complete"] = True  # last: a file that has it was closed after everything above
-    return ShardInfo(path.name, k, file_sha256(path))
+        f.flush()
+        image = f.id.get_file_image()
+    atomic_write(path, image)
+    return ShardInfo(path.name, k, hashlib.sha256(image).hexdigest())
 
 
 def _check_open_shard(f: h5py.File, path: Path, expected: int | None) -> int:

@@ -477,6 +477,8 @@ def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, constraints: str
     import yaml
 
     config_path, script_path = out_dir / "cluster.yaml", out_dir / "bootstrap.sh"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out {out_dir} is a file, not a folder: give a folder for cluster.yaml and bootstrap.sh")
     out_dir.mkdir(parents=True, exist_ok=True)
     if config:
         header = (

@@ -5,6 +5,10 @@ killing the submitting shell leaves it running. It reruns the same ``hpcdiff tra
 or a clean stop (exit 75), not after exit 2, 3 or 74, which a rerun cannot fix; training itself resumes from the
 newest valid checkpoint. Everything it knows goes
 into the run directory, so ``hpcdiff status`` needs no live process.
+
+status.json belongs to whoever holds the run lock: the submitter and the supervisor write it only while holding
+that lock themselves, so a launcher refused because the run is live (a trainer or another supervisor) changes
+nothing in the run directory.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, RunLockedError, UsageError
+from hpcdiff.errors import (
+    EXIT_BAD_DATA,
+    EXIT_NO_SPACE,
+    EXIT_REQUEUE,
+    EXIT_USAGE,
+    HpcdiffError,
+    RunLockedError,
+    UsageError,
+)
 from hpcdiff.runstate import RunDir
 
 log = logging.getLogger("hpcdiff.supervisor")
@@ -47,10 +59,49 @@ def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[s
     return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *train]
 
 
+def _supervisor_lock(run: RunDir) -> int:
+    """Hold the run's supervisor lock (one supervisor per run) and return its descriptor; RunLockedError if taken."""
+    fd = os.open(run.root / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunLockedError(
+            f"another supervisor already runs {run.root}: follow it with hpcdiff status {run.root}, "
+            "or stop it before submitting again"
+        ) from None
+    return fd
+
+
+def _write_status(run: RunDir, **fields: object) -> bool:
+    """Merge ``fields`` into status.json while holding the run lock; leave it alone if a live process holds it.
+
+    A second or so of retries lets the submitter and the supervisor, which take the lock for a moment each, both
+    write.
+    """
+    for attempt in range(5):
+        try:
+            with run.locked():
+                run.update_status(**fields)
+            return True
+        except RunLockedError as e:
+            if attempt == 4:
+                log.warning("status.json not updated: %s", e)
+            time.sleep(0.2)
+    return False
+
+
 def start_detached(config: Path, run_dir: Path, ranks: int, max_restarts: int, overrides: Sequence[str]) -> int:
-    """Start the supervisor in its own session and return its pid; it outlives the caller."""
+    """Start the supervisor in its own session and return its pid; it outlives the caller.
+
+    Raises:
+        RunLockedError: the run is live (a trainer holds its lock, or a supervisor runs it); nothing is written.
+    """
     run = RunDir(run_dir)
     run.create()
+    with run.locked():  # refuses while a trainer holds the run; released before the trainer needs it
+        os.close(_supervisor_lock(run))  # refuse a second supervisor now rather than in the background
+        run.update_status(state="pending", backend="local", ranks=ranks)
     argv = [
         sys.executable,
         "-m",
@@ -74,7 +125,7 @@ def start_detached(config: Path, run_dir: Path, ranks: int, max_restarts: int, o
             close_fds=True,
             cwd=os.getcwd(),
         )
-    run.update_status(state="pending", supervisor_pid=proc.pid, backend="local", ranks=ranks)
+    _write_status(run, supervisor_pid=proc.pid)  # the supervisor writes it too, first thing
     return proc.pid
 
 
@@ -95,11 +146,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
     """Run attempts until one exits 0, the restart budget is spent, or we are told to stop."""
     run = RunDir(run_dir)
     run.create()
-    lock_fd = os.open(run.root / "supervisor.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise RunLockedError(f"another supervisor already runs {run.root}") from None
+    _supervisor_lock(run)  # held until this process ends
     env = {**os.environ, **(_MPI_ROOT_ENV if os.geteuid() == 0 else {})}
     cmd = train_command(config, run.root, ranks, overrides)
     forward = _Forward()
@@ -107,7 +154,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
         signal.signal(sig, forward)
     restarts = 0
     while True:
-        run.update_status(supervisor_pid=os.getpid(), supervisor_restarts=restarts)
+        _write_status(run, supervisor_pid=os.getpid(), supervisor_restarts=restarts)
         log.info("attempt %d: %s", restarts + 1, " ".join(cmd))
         forward.child = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         rc = forward.child.wait()
@@ -116,15 +163,15 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
             run.event("supervisor_done", attempts=restarts + 1)
             return 0
         if forward.stopping:
-            run.update_status(state="stopped", supervisor_last_exit=rc)
+            _write_status(run, state="stopped", supervisor_last_exit=rc)
             run.event("supervisor_stopped", exit=rc)
             return EXIT_REQUEUE if rc == EXIT_REQUEUE else rc
         if rc in _NO_RETRY:
-            run.update_status(state="failed", supervisor_last_exit=rc)
+            _write_status(run, state="failed", supervisor_last_exit=rc)
             run.event("supervisor_gave_up", exit=rc, restarts=restarts, reason="a rerun cannot fix this")
             return rc
         if restarts >= max_restarts:
-            run.update_status(state="failed", supervisor_last_exit=rc, error=f"gave up after {restarts} restarts")
+            _write_status(run, state="failed", supervisor_last_exit=rc, error=f"gave up after {restarts} restarts")
             run.event("supervisor_gave_up", exit=rc, restarts=restarts)
             return rc
         restarts += 1
@@ -141,7 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[])
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s: %(message)s")
-    return supervise(args.config, args.run_dir, args.ranks, args.max_restarts, args.set)
+    try:
+        return supervise(args.config, args.run_dir, args.ranks, args.max_restarts, args.set)
+    except HpcdiffError as e:
+        log.error("%s", e)
+        return e.exit_code
 
 
 if __name__ == "__main__":

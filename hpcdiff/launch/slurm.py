@@ -26,7 +26,20 @@ Kind = Literal["train", "sample", "ingest", "stats"]
 
 # A #SBATCH value is read by sbatch, not by a shell: one word, no quotes, no comment sign, no backslash.
 _WORD = re.compile(r"^[A-Za-z0-9_.,:+=@&|!*%/\[\]()-]+$")
-_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
+
+
+def _is_time_limit(text: str) -> bool:
+    """Slurm's --time forms (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) with fields in range."""
+    m = _TIME.match(text)
+    if m is None:
+        return False
+    days, first, *rest = m.groups()
+    given = [int(v) for v in rest if v is not None]
+    if days is not None:
+        return int(first) < 24 and all(v < 60 for v in given)
+    return all(v < 60 for v in given)  # the leading field (minutes or hours) may be any size
+
 
 _ABOUT: dict[Kind, str] = {
     "train": """\
@@ -94,9 +107,10 @@ class SlurmOptions:
                 f"{value!r} must be one word of letters, digits and ,.:+=@&|!*%/[]()- (no spaces or quotes)",
             )
         check(
-            self.time is None or bool(_TIME.match(self.time)),
+            self.time is None or _is_time_limit(self.time),
             "time",
-            f"{self.time!r} is not a Slurm time limit: use minutes, HH:MM:SS or D-HH:MM:SS",
+            f"{self.time!r} is not a Slurm time limit: use minutes, MM:SS, HH:MM:SS or D-HH[:MM[:SS]] "
+            "(hours below 24 after a day count, minutes and seconds below 60)",
         )
         check(self.nodes >= 1, "nodes", "must be at least 1")
         check(self.ntasks_per_node is None or self.ntasks_per_node >= 1, "ntasks_per_node", "must be at least 1")
