@@ -66,7 +66,7 @@ def main() -> None:
     from hpcdiff.data.shards import ShardSet
     from hpcdiff.quality import downsample, median_bandwidth, mmd2, pool_factor, training_slices
     from hpcdiff.sample import _tensors, load_generator
-    from hpcdiff.train import seed_for
+    from hpcdiff.seeds import seed_for
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/benchsample"))

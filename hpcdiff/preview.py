@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hpcdiff.atomic import atomic_write
+from hpcdiff.seeds import seed_for
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def preview_set(schema: dict[str, dict], num: int, seed: int) -> PreviewSet:
     Categorical covariates count in mixed radix (the first changes fastest), so two levels of sex alternate;
     continuous ones rise from the trained minimum to the maximum (mean +- 2 std where the range is unknown).
     """
-    from hpcdiff.train import seed_for  # the one seed derivation of the project
 
     columns: dict[str, list] = {}
     radix = 1

@@ -40,7 +40,7 @@ from hpcdiff.data.shards import (
 from hpcdiff.data.slicing import Worker
 from hpcdiff.errors import CheckpointError, DataError, ShardError, UsageError
 from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
-from hpcdiff.train import seed_for
+from hpcdiff.seeds import seed_for
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -24,25 +23,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcdiff import checkpoint
-from hpcdiff.config import build, diff, to_dict
+from hpcdiff.config import diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
 from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, CheckpointError, ConfigError, LeaseLostError
-from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
+from hpcdiff.models import UNet, UNetConfig, covariate_specs
 from hpcdiff.runstate import RunDir
+from hpcdiff.seeds import seed_for
 from hpcdiff.signals import StopFlag
-from hpcdiff.train_config import JobConfig, job_to_dict
+from hpcdiff.train_config import JobConfig, build_model_config, build_objective_from, job_to_dict
 from hpcdiff.watch import Watch, open_watch
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
-
-
-def seed_for(seed: int, *counters: int) -> int:
-    """A 63-bit seed from the run seed and counters (step, rank, micro-batch): independent streams per step."""
-    key = "/".join(str(c) for c in (seed, *counters)).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 def lr_at(job: JobConfig, step: int) -> float:
@@ -52,20 +46,6 @@ def lr_at(job: JobConfig, step: int) -> float:
         return o.lr * (step + 1) / o.warmup_steps
     progress = (step - o.warmup_steps) / max(total - o.warmup_steps, 1)
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
-
-
-def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
-    for key in ("dims", "covariates"):
-        if key in job.model:
-            raise ConfigError(f"model.{key} is set from data (data.mode and data.covariates); remove it")
-    dims = 3 if job.data.mode == "3d" else 2
-    cfg = build(UNetConfig, {**job.model, "dims": dims}, "model")
-    cfg.covariates = specs
-    return cfg
-
-
-def build_objective_from(job: JobConfig) -> Any:
-    return build_objective(build(ObjectiveConfig, job.objective, "objective"))
 
 
 @dataclass

@@ -5,9 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from hpcdiff.config import apply_overrides, build, check, load_yaml, to_dict
+from hpcdiff.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hpcdiff.models import CovariateSpec, Objective, UNetConfig
 
 MAX_BATCH_SIZE = 65536
 """More subjects per rank per micro-batch than any accelerator holds: a typo (1e9), refused before allocating."""
@@ -153,13 +157,31 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     data = apply_overrides(load_yaml(path), list(overrides))
     job = build(JobConfig, data)
     job.data.shards = str(Path(job.data.shards).expanduser().absolute())
-    from hpcdiff.train import build_model_config, build_objective_from  # torch: only for a config worth checking
-
     # The model and objective sections are built for real only at training time (they need the data's
     # covariates); checking them now refuses a bad key before a submission waits in a queue.
     build_model_config(job, [])
     build_objective_from(job)
     return job
+
+
+def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
+    """The network's config: the job's ``model`` section plus what comes from data (dimensions, covariates)."""
+    from hpcdiff.models import UNetConfig  # torch: only for a config worth checking
+
+    for key in ("dims", "covariates"):
+        if key in job.model:
+            raise ConfigError(f"model.{key} is set from data (data.mode and data.covariates); remove it")
+    dims = 3 if job.data.mode == "3d" else 2
+    cfg = build(UNetConfig, {**job.model, "dims": dims}, "model")
+    cfg.covariates = specs
+    return cfg
+
+
+def build_objective_from(job: JobConfig) -> Objective:
+    """The objective the job's ``objective`` section names."""
+    from hpcdiff.models import ObjectiveConfig, build_objective
+
+    return build_objective(build(ObjectiveConfig, job.objective, "objective"))
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdiff.train import build_model_config, build_objective_from
-from hpcdiff.train_config import load_job
+from hpcdiff.train_config import build_model_config, build_objective_from, load_job
 from tests.harness import ROOT
 
 TRAIN_JOBS = sorted(
