@@ -193,9 +193,14 @@ def run_randomise(
     started = time.perf_counter()
     root, out, worker = Path(root), Path(out), worker or Worker(0, 1, 0, 1)
     o = options
+    shards = open_shards(root)
+    for name in o.contrast:
+        if name.split("[")[0] not in shards.covariates:
+            known = ", ".join(sorted(shards.covariates))
+            raise UsageError(f"--contrast '{name}' names no column of {root} (columns: {known})")
+    # A tested column that is not yet in the model joins it (as a column of interest, not as nuisance).
     covariates = list(o.covariates) + [c for c in o.contrast if c not in o.covariates and c != o.group]
     design = load_design(root, group=o.group, covariates=covariates, levels=o.levels)
-    shards = open_shards(root)
     tested = tested_columns(design, o.contrast, str(root))
     blocks = exchangeability_blocks(shards, design.rows, o.exchangeability_blocks)
     model = FreedmanLane(design.x, tested, two_sided=not o.one_sided)
