@@ -22,6 +22,7 @@ from hpcdiff.errors import UsageError
 
 Accel = Literal["none", "gamma", "tail"]
 ACCELS: tuple[str, ...] = ("none", "gamma", "tail")
+P_FLOOR = float(np.finfo(np.float64).eps)
 
 
 @dataclass
@@ -47,11 +48,14 @@ class TailFit:
         v = np.asarray(values, dtype=np.float64)
         p = self.params
         if self.method == "gamma":
-            return sps.pearson3.sf(v, p["skew"], loc=p["mean"], scale=p["std"])
-        n = self._null.size
-        plain = (1.0 + n - np.searchsorted(np.sort(self._null), v, side="left")) / (n + 1.0)
-        over = p["exceedances"] / n * sps.genpareto.sf(v - p["threshold"], p["shape"], scale=p["scale"])
-        return np.where(v > p["threshold"], over, plain)
+            fitted = sps.pearson3.sf(v, p["skew"], loc=p["mean"], scale=p["std"])
+        else:
+            n = self._null.size
+            plain = (1.0 + n - np.searchsorted(self._null, v, side="left")) / (n + 1.0)
+            over = p["exceedances"] / n * sps.genpareto.sf(v - p["threshold"], p["shape"], scale=p["scale"])
+            fitted = np.where(v > p["threshold"], over, plain)
+        # A fitted law may end below a value (a Pareto with negative shape is bounded): p floors at machine epsilon.
+        return np.where(np.isnan(v), np.nan, np.clip(fitted, P_FLOOR, 1.0))
 
     def to_dict(self) -> dict:
         d = asdict(self)

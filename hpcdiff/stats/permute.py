@@ -122,7 +122,7 @@ class FreedmanLane:
             m: X_P' e, shape (B, p, V).
             ee: e'e per voxel, shape (V,).
         """
-        beta = np.einsum("qp,bpv->bqv", self.g, m)
+        beta = np.matmul(self.g, m)
         rss = np.maximum(ee - np.einsum("bpv,bpv->bv", m, beta), 0.0)
         sigma2 = rss / self.df
         c = beta[:, self.tested]

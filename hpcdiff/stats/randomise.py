@@ -283,7 +283,7 @@ def _finish(
         if o.accel != "none":
             fit = fit_tail(null, o.accel)
             maps[f"{name}_permutation"] = p_perm
-            maps[name] = np.minimum(fit.sf(ranked), 1.0)
+            maps[name] = fit.sf(ranked)
             entry["accel"] = fit.to_dict()
         entry["min_p"] = float(np.nanmin(maps[name]))
         entry["significant_voxels"] = int(np.sum(maps[name] <= o.alpha))
