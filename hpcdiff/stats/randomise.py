@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,8 @@ from hpcdiff.stats.permute import FreedmanLane, check_blocks, fwe_p, permutation
 from hpcdiff.stats.pipeline import Prepared, StatsOptions, load_design, prepare
 from hpcdiff.stats.source import open_shards
 from hpcdiff.stats.tfce import TFCEOptions, tfce
+
+log = logging.getLogger(__name__)
 
 PLAN = "plan.json"
 
@@ -121,17 +124,18 @@ def exchangeability_blocks(shards: ShardSet, rows: np.ndarray, column: str | Non
 
 
 class Residuals:
-    """Nuisance residuals e = (Y - shift) - Z gamma by blocks of subjects: read twice to fit gamma and e'e, then
-    kept in memory when they fit ``cache_bytes``, else re-read from the shards for every batch."""
+    """Nuisance residuals e = (Y - shift) - Z gamma by blocks of subjects: one read to fit gamma, one for e'e (kept
+    in memory when they fit ``cache_bytes``), then, when they did not fit, one more for every batch."""
 
     def __init__(self, prep: Prepared, model: FreedmanLane, cache_bytes: float) -> None:
         self._prep, self._model = prep, model
         self._y = prep.voxels()
         self._bounds = np.cumsum((0, *self._y.chunks[0]))
         self.gamma = model.nuisance_fit(self._read())
-        self.ee = sum(np.einsum("bv,bv->v", e, e) for _, e in self._residuals())
         fits = model.num_rows * self._y.shape[1] * 8 <= cache_bytes
         self._cache = list(self._residuals()) if fits else None
+        blocks = self._cache if self._cache is not None else self._residuals()
+        self.ee = sum(np.einsum("bv,bv->v", e, e) for _, e in blocks)
 
     def _read(self) -> Iterator[tuple[slice, np.ndarray]]:
         for i, (lo, hi) in enumerate(zip(self._bounds[:-1], self._bounds[1:])):
@@ -232,8 +236,8 @@ def run_randomise(
         stat = model.statistics(data.products(np.arange(model.num_rows)[None]), data.ee)[0]
         observed = model.ranked(stat)
         tfce_observed = _tfce_ranked(stat, prep, o.tfce, two_sided) if o.tfce else None
-        computed = 0
-        for b in batches.of(worker):
+        computed, mine = 0, batches.of(worker)
+        for done, b in enumerate(mine, 1):
             if is_done(out, b, digest):
                 continue
             orders = np.stack([permutation(o.seed, k, model.num_rows, blocks) for k in batches.range(b)])
@@ -245,6 +249,7 @@ def run_randomise(
                 arrays["max_tfce"] = np.array([e.max() for e in enhanced])
             save_partial(out, b, digest, arrays)
             computed += 1
+            log.info("randomise: worker %d: batch %d done (%d of its %d)", worker.index, b, done, len(mine))
         merged = merge(out, batches, digest)
         progress = {"batches_computed": computed, "num_batches": batches.count, "worker": worker.index}
         if merged is None:
@@ -268,7 +273,8 @@ def _finish(
 ) -> dict[str, Any]:
     """Maps, nulls, figures and summary.json from the merged batches; the same bytes whoever writes them."""
     n_perm = o.permutations
-    maps = {"stat": stat, "p_uncorrected": (1.0 + merged["exceed_stat"]) / (n_perm + 1.0)}
+    p_uncorrected = np.where(np.isnan(observed), np.nan, (1.0 + merged["exceed_stat"]) / (n_perm + 1.0))
+    maps = {"stat": stat, "p_uncorrected": p_uncorrected}
     inference: dict[str, Any] = {}
     nulls = [("", "max_stat", observed)]
     if tfce_observed is not None:
