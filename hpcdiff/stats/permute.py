@@ -78,8 +78,10 @@ class FreedmanLane:
         self.df = n - p
         assert self.nuisance, "the intercept is always nuisance"
         self._z_pinv = np.linalg.pinv(self.x[:, self.nuisance])
-        gc = self.g[np.ix_(self.tested, self.tested)]
-        self._w = np.linalg.inv(gc)
+        self._w = np.linalg.inv(self.g[np.ix_(self.tested, self.tested)])
+        # A constant nuisance column (the intercept) is the same in every permuted design, and e sums to 0 against
+        # it (e is a residual of Z): its row of M is 0, so the products skip it.
+        self._moving = [i for i in range(p) if i in self.tested or np.ptp(self.x[:, i]) > 0]
 
     @property
     def statistic(self) -> Statistic:
@@ -105,15 +107,18 @@ class FreedmanLane:
             e_blocks: (rows, e) pairs covering every subject once, e shape (len(rows), V).
             orders: design-row orders, shape (B, n) (see ``permutation``).
         """
-        b, p = orders.shape[0], self.x.shape[1]
-        # (B, n, p) -> (B p, n): every permuted design as rows of one matrix.
-        stacked = np.ascontiguousarray(self.x[orders].transpose(0, 2, 1).reshape(b * p, -1))
+        b, k = orders.shape[0], len(self._moving)
+        # (B, n, k) -> (B k, n): every permuted design as rows of one matrix.
+        x = self.x[:, self._moving]
+        stacked = np.ascontiguousarray(x[orders].transpose(0, 2, 1).reshape(b * k, -1))
         total: np.ndarray | None = None
         for rows, e in e_blocks:
             part = stacked[:, rows] @ e
             total = part if total is None else total + part
         assert total is not None, "no subjects"
-        return total.reshape(b, p, -1)
+        m = np.zeros((b, self.x.shape[1], total.shape[1]))
+        m[:, self._moving] = total.reshape(b, k, -1)
+        return m
 
     def statistics(self, m: np.ndarray, ee: np.ndarray) -> np.ndarray:
         """Signed t (one tested column) or F (several) per permutation and voxel, shape (B, V).
