@@ -144,3 +144,13 @@ def test_a_folder_of_another_plan_is_refused_unless_overwrite(shards, tmp_path, 
     assert "another plan" in stderr and "--overwrite" in stderr
     assert cli(capsys, *base, "--seed", 1, "--overwrite", "--out", out)[0] == 0
     assert json.loads((out / "summary.json").read_text())["seed"] == 1
+
+
+def test_a_folder_with_files_it_did_not_write_is_refused(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, stderr = cli(capsys, shards, "--group", "group", "--permutations", 10, "--out", out)
+    assert code == 2 and "notes.txt" in stderr
+    assert cli(capsys, shards, "--group", "group", "--permutations", 10, "--overwrite", "--out", out)[0] == 0
+    assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").exists()

@@ -168,22 +168,26 @@ def _written_by_us(name: str) -> bool:
 
 
 def _claim(out: Path, plan: dict[str, Any], digest: str, overwrite: bool) -> None:
-    """Make ``out`` this plan's folder, resuming the same plan, refusing (or with ``overwrite`` clearing) another."""
+    """Make ``out`` this plan's folder, resuming the same plan, refusing (or with ``overwrite`` clearing) another.
+
+    With ``overwrite`` the previous run's outputs and partial files go; files it did not write are left alone.
+    """
     path = out / PLAN
     try:
         old = json.loads(path.read_text()).get("digest")
-    except (OSError, ValueError):
-        old = None
+    except (OSError, ValueError, AttributeError):
+        old = "unreadable" if path.exists() else None
     foreign = sorted(p.name for p in out.iterdir() if not _written_by_us(p.name))
-    if (old is not None and old != digest) or foreign or (old is None and path.exists()):
-        if not overwrite:
-            what = f"a randomise run of another plan ({path})" if old else f"files it did not write: {foreign[:5]}"
-            raise UsageError(f"{out} holds {what}; choose another --out, or pass --overwrite to replace it")
-        shutil.rmtree(out / PARTIALS, ignore_errors=True)
-        for p in out.glob("*.nii.gz"):
+    if old == digest:
+        return
+    if (old is not None or foreign) and not overwrite:
+        what = f"a randomise run of another plan ({path})" if old else f"files it did not write: {foreign[:5]}"
+        raise UsageError(f"{out} holds {what}; choose another --out, or pass --overwrite to replace it")
+    shutil.rmtree(out / PARTIALS, ignore_errors=True)
+    for p in out.iterdir():
+        if _written_by_us(p.name) and p.is_file() and p.name != PLAN and not p.name.startswith("."):
             p.unlink()
-    if old != digest:
-        write_text_atomic(path, json.dumps({**plan, "digest": digest}, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({**plan, "digest": digest}, indent=1, sort_keys=True) + "\n")
 
 
 def run_randomise(
