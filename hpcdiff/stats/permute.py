@@ -4,8 +4,9 @@ Freedman and Lane (1983): fit the nuisance columns Z alone, keep the residuals e
 full model X = [tested, Z]. Z's fitted part lies in X's column space, so it changes no t or F and is never added
 back. Permuting the rows of e by P is the same as permuting the rows of X by P^-1, and a statistic of the full
 model needs only M = X_P' e (p x V) and e'e (which no permutation changes): with G = (X'X)^-1 (also unchanged),
-beta = G M and RSS = e'e - sum(M * beta). Stacking B permuted designs gives one (B p, n) @ (n, V) product per
-block of subjects, so a batch of B permutations reads the data once and memory does not grow with subjects.
+beta = G M and RSS = e'e - sum(M * beta); the intercept's row of M is always 0 and is never computed. Stacking B
+permuted designs gives one (B p, n) @ (n, V) product per block of subjects, so a batch of B permutations reads the
+data once and memory does not grow with subjects.
 
 Permutation k is a pure function of (seed, k): its generator is seeded by the pair, so any process computes any
 k without drawing the ones before it.
@@ -80,8 +81,12 @@ class FreedmanLane:
         self._z_pinv = np.linalg.pinv(self.x[:, self.nuisance])
         self._w = np.linalg.inv(self.g[np.ix_(self.tested, self.tested)])
         # A constant nuisance column (the intercept) is the same in every permuted design, and e sums to 0 against
-        # it (e is a residual of Z): its row of M is 0, so the products skip it.
+        # it (e is a residual of Z): its row of M is 0, so M keeps only the other ("moving") columns' rows, and G
+        # only their rows and columns.
         self._moving = [i for i in range(p) if i in self.tested or np.ptp(self.x[:, i]) > 0]
+        self._g_moving = self.g[np.ix_(self._moving, self._moving)]
+        self._tested_moving = [self._moving.index(j) for j in self.tested]
+        self._work: dict[str, np.ndarray] = {}
 
     @property
     def statistic(self) -> Statistic:
@@ -101,36 +106,47 @@ class FreedmanLane:
         return np.asarray(y, dtype=np.float64) - self.x[rows][:, self.nuisance] @ gamma
 
     def products(self, e_blocks: Iterable[tuple[slice, np.ndarray]], orders: np.ndarray) -> np.ndarray:
-        """M = X_P' e for each permutation, summed over blocks of subjects in the order given: (B, p, V).
+        """M = X_P' e for each permutation (moving columns only), summed over blocks of subjects: (B, k, V).
+
+        The result lives in a buffer the next call overwrites: fresh arrays of this size each batch cost more in
+        page faults than the products themselves.
 
         Args:
-            e_blocks: (rows, e) pairs covering every subject once, e shape (len(rows), V).
+            e_blocks: (rows, e) pairs covering every subject once, in a fixed order, e shape (len(rows), V).
             orders: design-row orders, shape (B, n) (see ``permutation``).
         """
         b, k = orders.shape[0], len(self._moving)
         # (B, n, k) -> (B k, n): every permuted design as rows of one matrix.
         x = self.x[:, self._moving]
         stacked = np.ascontiguousarray(x[orders].transpose(0, 2, 1).reshape(b * k, -1))
-        total: np.ndarray | None = None
+        total = part = None
         for rows, e in e_blocks:
-            part = stacked[:, rows] @ e
-            total = part if total is None else total + part
+            if total is None:
+                total, part = self._buffer("total", (b * k, e.shape[1])), self._buffer("part", (b * k, e.shape[1]))
+                np.matmul(stacked[:, rows], e, out=total)
+            else:
+                np.matmul(stacked[:, rows], e, out=part)
+                total += part
         assert total is not None, "no subjects"
-        m = np.zeros((b, self.x.shape[1], total.shape[1]))
-        m[:, self._moving] = total.reshape(b, k, -1)
-        return m
+        return total.reshape(b, k, -1)
+
+    def _buffer(self, name: str, shape: tuple[int, int]) -> np.ndarray:
+        size = shape[0] * shape[1]
+        if name not in self._work or self._work[name].size < size:
+            self._work[name] = np.empty(size)
+        return self._work[name][:size].reshape(shape)
 
     def statistics(self, m: np.ndarray, ee: np.ndarray) -> np.ndarray:
         """Signed t (one tested column) or F (several) per permutation and voxel, shape (B, V).
 
         Args:
-            m: X_P' e, shape (B, p, V).
+            m: X_P' e of the moving columns, shape (B, k, V) (``products``).
             ee: e'e per voxel, shape (V,).
         """
-        beta = np.matmul(self.g, m)
+        beta = np.matmul(self._g_moving, m)
         rss = np.maximum(ee - np.einsum("bpv,bpv->bv", m, beta), 0.0)
         sigma2 = rss / self.df
-        c = beta[:, self.tested]
+        c = beta[:, self._tested_moving]
         with np.errstate(divide="ignore", invalid="ignore"):
             if self.statistic == "t":
                 j = self.tested[0]
