@@ -42,6 +42,7 @@ def test_fwe_region_is_the_planted_atrophy_and_nothing_survives_without_it(tmp_p
     truth = (effect >= 0.1 * effect.max()) & mask
     found = (p_img.get_fdata() <= 0.05) & mask
     dice = 2 * (found & truth).sum() / (found.sum() + truth.sum())
+    print(f"FWE region {found.sum()} voxels, truth {truth.sum()} voxels, Dice {dice:.2f}")
     assert found.sum() > 0 and dice >= 0.5, f"Dice {dice:.2f}: {found.sum()} FWE voxels, {truth.sum()} true"
 
     _, null_out = _randomise(tmp_path, "null", Effects(atrophy_fraction=0.0))
