@@ -48,6 +48,9 @@ def test_t_null_and_fwe_p_equal_nilearn_with_the_same_permutations(two_sided):
     np.testing.assert_allclose(ours.max_null, ref["h0_max_t"][0], atol=1e-5)
     np.testing.assert_allclose(-np.log10(ours.p_fwe(model.ranked(ours.stat))), ref["logp_max_t"][0], atol=1e-5)
     p = ours.p_fwe(model.ranked(ours.stat))
+    # a voxel's own exceedances are among the permutations whose maximum exceeds it: uncorrected p <= FWE p
+    assert np.all(ours.exceed <= (ours.max_null[None, :] >= model.ranked(ours.stat)[:, None]).sum(axis=1))
+    assert ours.exceed[:25].mean() < ours.exceed[25:].mean()
     assert np.median(p[:25]) < 0.05 and np.mean(p[25:] <= 0.05) < 0.02  # the planted voxels, mostly only them
 
 

@@ -173,10 +173,6 @@ class NullResult:
     max_null: np.ndarray
     exceed: np.ndarray
 
-    @property
-    def p_uncorrected(self) -> np.ndarray:
-        return (1.0 + self.exceed) / (self.max_null.size + 1.0)
-
     def p_fwe(self, ranked: np.ndarray) -> np.ndarray:
         """FWE p by the max statistic: (1 + #{max >= s}) / (N + 1) per voxel."""
         return fwe_p(ranked, self.max_null)
