@@ -1,5 +1,5 @@
 """Group statistics over shards with dask: template, group differences, gamma residual model, normative z-scores,
-real versus synthetic comparison. See docs/statistics.md for the commands and the maths."""
+real versus synthetic comparison, permutation inference. See docs/statistics.md for the commands and the maths."""
 
 from hpcdiff.stats.analysis import (
     GroupStats,
@@ -17,20 +17,28 @@ from hpcdiff.stats.design import Design, build_design
 from hpcdiff.stats.gammafit import GammaFit, fit_gamma
 from hpcdiff.stats.glm import GLMFit, SufficientStats, fdr_bh, fit, two_sided_p, welch_t
 from hpcdiff.stats.moments import Moments
+from hpcdiff.stats.permtail import TailFit, fit_tail
+from hpcdiff.stats.permute import FreedmanLane, permutation, permuted_statistics
 from hpcdiff.stats.pipeline import StatsOptions
+from hpcdiff.stats.randomise import RandomiseOptions, run_randomise
 from hpcdiff.stats.source import voxel_array
+from hpcdiff.stats.tfce import TFCEOptions, tfce
 from hpcdiff.stats.zscore import normative_z, run_zscore
 
 __all__ = [
     "BACKENDS",
     "BackendOptions",
     "Design",
+    "FreedmanLane",
     "GLMFit",
     "GammaFit",
     "GroupStats",
     "Moments",
+    "RandomiseOptions",
     "StatsOptions",
     "SufficientStats",
+    "TFCEOptions",
+    "TailFit",
     "backend",
     "brain_mask",
     "build_design",
@@ -38,17 +46,22 @@ __all__ = [
     "fdr_bh",
     "fit",
     "fit_gamma",
+    "fit_tail",
     "glm_sums",
     "group_maps",
     "group_stats",
     "normative_z",
+    "permutation",
+    "permuted_statistics",
     "residual_variance",
     "run_compare",
     "run_gamma",
     "run_groupdiff",
+    "run_randomise",
     "run_template",
     "run_zscore",
     "template",
+    "tfce",
     "two_sided_p",
     "voxel_array",
     "welch_t",

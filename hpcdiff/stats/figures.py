@@ -39,11 +39,11 @@ def orthogonal_slices(
     plt.close(fig)
 
 
-def histogram(values: np.ndarray, path: Path, title: str, xlabel: str, bins: int = 80) -> None:
+def histogram(values: np.ndarray, path: Path, title: str, xlabel: str, bins: int = 80, ylabel: str = "voxels") -> None:
     v = np.asarray(values, dtype=np.float64)
     fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
     ax.hist(v[np.isfinite(v)], bins=bins, color="steelblue")
-    ax.set(title=title, xlabel=xlabel, ylabel="voxels")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

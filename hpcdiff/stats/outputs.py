@@ -20,8 +20,9 @@ def save_map(path: Path, values: np.ndarray, mask: np.ndarray, shape: tuple[int,
     img = nib.Nifti1Image(unflatten(values, mask, shape), affine)
     img.header.set_xyzt_units("mm")
     data = img.to_bytes()
+    # mtime=0: gzip otherwise stamps the time, and the same map written twice would differ in its bytes.
     with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(data, compresslevel=1) if path.name.endswith(".gz") else data)
+        tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if path.name.endswith(".gz") else data)
 
 
 def _jsonable(obj: Any) -> Any:
