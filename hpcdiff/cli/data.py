@@ -47,8 +47,18 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", metavar="FILE", help="study template (NIfTI); default: MNI152 (nilearn)")
     p.add_argument("--mask", metavar="FILE", help="brain mask in template space; normalise inside it")
     p.add_argument("--seed", type=int, default=0, help="registration's sampling seed (default 0)")
+    p.add_argument("--categorical", type=_names, default=[], metavar="COL[,COL]", help="covariates that are codes")
+    p.add_argument("--continuous", type=_names, default=[], metavar="COL[,COL]", help="covariates that are numbers")
+    p.add_argument("--session", default="all", metavar="LABEL|first|all", help="sessions to keep (default all)")
+    p.add_argument(
+        "--run", choices=("first", "last", "all"), default="last", help="of repeated runs, keep (default last)"
+    )
     add_task_options(p)
     p.set_defaults(handler=_run_ingest)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
@@ -76,6 +86,10 @@ def _run_ingest(args: argparse.Namespace) -> int:
             mask=Path(args.mask) if args.mask else None,
             seed=args.seed,
         ),
+        categorical=args.categorical,
+        continuous=args.continuous,
+        session=args.session,
+        run=args.run,
     )
     if not detect_topology().is_main:
         return 0

@@ -22,7 +22,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -36,8 +35,10 @@ from nibabel.processing import resample_from_to
 
 from hpcdiff import __version__
 from hpcdiff.atomic import file_sha256, write_text_atomic
+from hpcdiff.data.covariate_kinds import column_kinds
 from hpcdiff.data.covariates import schema_of
 from hpcdiff.data.register import Placement, RegisterOptions, RegistrationFailed, Space, decide, record_columns
+from hpcdiff.data.selection import select_images
 from hpcdiff.data.shards import (
     MANIFEST,
     QUARANTINE,
@@ -123,13 +124,6 @@ def _read_participants(root: Path) -> tuple[list[str], list[dict[str, str]]]:
     return [c for c in columns if c != "participant_id"], rows
 
 
-def _is_number(text: str) -> bool:
-    try:
-        return math.isfinite(float(text))
-    except ValueError:
-        return False
-
-
 def _missing(text: str | None) -> bool:
     return text is None or text.strip() in ("", "n/a", "NA", "nan")
 
@@ -139,14 +133,22 @@ def _find_images(root: Path) -> list[Path]:
     return sorted(p for p in found if _T1W.match(p.name))
 
 
-def make_plan(root: Path, subjects_per_shard: int) -> Plan:
-    """Decide which image goes into which shard, and which images cannot be placed at all (and why)."""
+def make_plan(
+    root: Path,
+    subjects_per_shard: int,
+    *,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    session: str = "all",
+    run: str = "last",
+) -> Plan:
+    """Decide which image goes into which shard, and which images cannot be placed at all (and why).
+
+    Covariate kinds: see ``covariate_kinds.column_kinds``; sessions and runs: ``selection.select_images``.
+    """
     columns, rows = _read_participants(root)
     counts = Counter(r["participant_id"] for r in rows)
-    kinds = {
-        c: "continuous" if all(_is_number(r[c]) for r in rows if not _missing(r.get(c))) else "categorical"
-        for c in columns
-    }
+    kinds = column_kinds(root, columns, rows, _missing, categorical, continuous)
     typed: dict[str, dict[str, object]] = {}
     for r in rows:
         typed[r["participant_id"]] = {
@@ -156,16 +158,14 @@ def make_plan(root: Path, subjects_per_shard: int) -> Plan:
             for c in columns
         }
     quarantine: list[tuple[str, str, str]] = []
-    by_key: dict[tuple[str, str], list[Candidate]] = {}
+    images = []
     for path in _find_images(root):
         rel = path.relative_to(root)
-        subject = rel.parts[0]
-        session = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
-        by_key.setdefault((subject, session), []).append(
-            Candidate(subject, session, rel.as_posix(), path.stat().st_size)
-        )
+        ses = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
+        images.append(Candidate(rel.parts[0], ses, rel.as_posix(), path.stat().st_size))
     good: list[Candidate] = []
-    for (subject, session), cands in sorted(by_key.items()):
+    for cands in select_images(images, session, run).groups:
+        subject, session = cands[0].subject, cands[0].session
         if len(cands) > 1:
             names = ", ".join(c.source_path for c in cands)
             key = f"{subject} {session}".strip()
@@ -341,6 +341,10 @@ def ingest(
     task: int = 0,
     num_tasks: int = 1,
     register: RegisterOptions | None = None,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    session: str = "all",
+    run: str = "last",
 ) -> IngestResult:
     """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across array tasks and ranks.
 
@@ -355,6 +359,8 @@ def ingest(
         num_tasks: array tasks sharing the shards.
         register: registration to a template (hpcdiff.data.register); default: affine unless the inputs declare
             the template's space.
+        categorical, continuous: covariate kinds where participants.json does not declare them.
+        session: "all", "first" or a session label; run: "first", "last" or "all" (hpcdiff.data.selection).
     """
     from hpcdiff import dist
 
@@ -375,7 +381,9 @@ def ingest(
 
         def plan_on_main() -> Plan:
             out.mkdir(parents=True, exist_ok=True)
-            plan = make_plan(bids_root, subjects_per_shard)
+            plan = make_plan(
+                bids_root, subjects_per_shard, categorical=categorical, continuous=continuous, session=session, run=run
+            )
             plan.register, why = decide(
                 register or RegisterOptions(), bids_root, [c.source_path for s in plan.shards for c in s]
             )
