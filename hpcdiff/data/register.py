@@ -19,6 +19,7 @@ bytes-identical to ``--register none``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -407,6 +408,12 @@ def decide(options: RegisterOptions, root: Path, source_paths: Sequence[str]) ->
         where = sorted({d[1] for d in declared if d is not None})
         return None, (
             f"--register auto: all {named} inputs declare {space.label}'s space ({', '.join(where)}): not registered"
+        )
+    if importlib.util.find_spec("ants") is None:
+        raise UsageError(
+            f"{len(source_paths) - named} input(s) in {root} need registration, which needs ANTsPy: "
+            "pip install 'hpcdiff[register]' (or antspyx); or declare their space (docs/registration.md), "
+            "or pass --register none"
         )
     if options.mode == "auto":
         return options, (
