@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -345,7 +345,7 @@ class Placement:
         hi: float,
         source_path: str,
         percentiles: tuple[float, float],
-        own_grid: Any,
+        own_grid: Callable[[], np.ndarray],
     ) -> tuple[np.ndarray, Record]:
         """The normalised volume on the output grid and what was done to get it.
 
@@ -409,6 +409,9 @@ def decide(options: RegisterOptions, root: Path, source_paths: Sequence[str]) ->
         return None, (
             f"--register auto: all {named} inputs declare {space.label}'s space ({', '.join(where)}): not registered"
         )
+    space.template  # noqa: B018  (a bad --template fails here, once, before any rank starts work)
+    if options.mask is not None:
+        Space(options, space.template.shape, 1.0).mask  # noqa: B018  (likewise a bad --mask)
     if importlib.util.find_spec("ants") is None:
         raise UsageError(
             f"{len(source_paths) - named} input(s) in {root} need registration, which needs ANTsPy: "
