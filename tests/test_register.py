@@ -140,6 +140,16 @@ def test_a_failed_registration_is_quarantined_with_its_reason(registered):
     assert rows[0]["reason"].startswith("registration failed")
 
 
+def test_a_rerun_keeps_registered_shards(moved_bids, registered):
+    out, _ = registered
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    template = moved_bids.parent / "tpl-Test3mm_T1w.nii.gz"
+    proc = hpcdiff("ingest", moved_bids, "--out", out, *ARGS, "--template", template, timeout=300)
+    assert_ok(proc)
+    assert "0 written, 3 already complete" in proc.stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 @pytest.mark.mpi
 def test_registration_at_two_ranks_gives_the_bytes_of_one(moved_bids, registered, tmp_path):
     require_mpi()

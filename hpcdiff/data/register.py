@@ -82,6 +82,8 @@ class RegisterOptions:
     """ANTs' sampling seed."""
 
     def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise UsageError(f"--seed must be 0 or more, got {self.seed}")
         if self.mode not in MODES:
             raise UsageError(f"--register {self.mode!r}: use one of {', '.join(MODES)}")
         for flag, path in (("--template", self.template), ("--mask", self.mask)):
@@ -161,8 +163,9 @@ class Space:
     def digest(self) -> str:
         """What a shard's content depends on, beyond its inputs, shape and spacing."""
         h = hashlib.sha256(json.dumps([self.options.mode, self.options.seed, MIN_CORRELATION, SCALE_BOUNDS]).encode())
-        for path in (self.options.template, self.options.mask):
-            h.update(b"-" if path is None else hashlib.sha256(Path(path).read_bytes()).digest())
+        t = self.template  # its voxels and affine, so a new nilearn MNI152 is a new plan too
+        h.update(np.ascontiguousarray(t.dataobj, dtype=np.float32).tobytes() + t.affine.tobytes())
+        h.update(b"-" if self.options.mask is None else Path(self.options.mask).read_bytes())
         return h.hexdigest()
 
     def provenance(self) -> dict[str, Any]:
@@ -277,15 +280,16 @@ class Registrar:
             RegistrationFailed: the correlation or a scale is outside ``MIN_CORRELATION``/``SCALE_BOUNDS``.
         """
         ants = _ants()
-        seed = self.space.options.seed
+        # antspyx 0.6 reads its seed (passed on as antsRegistration --random-seed) from ants.config at each call and
+        # ignores a random_seed keyword; set_ants_deterministic would also reseed numpy's global generator. ANTs
+        # seeds from the clock when given 0, hence the + 1.
+        ants.config._random_seed = self.space.options.seed + 1
         moving = _to_ants(np.asarray(img.dataobj, dtype=np.float32), img.affine, self.spacing)
-        result = ants.registration(self.fixed, moving, type_of_transform="Rigid", random_seed=seed)
+        result = ants.registration(self.fixed, moving, type_of_transform="Rigid")
         files = list(result["fwdtransforms"]) + list(result["invtransforms"])
         if method == "affine":
             start = result["fwdtransforms"][0]
-            result = ants.registration(
-                self.fixed, moving, type_of_transform="Affine", initial_transform=start, random_seed=seed
-            )
+            result = ants.registration(self.fixed, moving, type_of_transform="Affine", initial_transform=start)
             files += list(result["fwdtransforms"]) + list(result["invtransforms"])
         try:
             transform = _read_affine(result["fwdtransforms"][0])
