@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from hpcdiff.data.covariates import (
     MISSING,
-    column_kinds,
+    guess_kinds,
     is_missing,
     read_bids_tsv,
     read_cohort_tsv,
@@ -151,7 +151,7 @@ def test_fuzz_any_table_is_read_or_refused_with_a_data_error(tmp_path, rows, sep
                 return None
             assert all(len(r) == len(table.columns) for r in table.rows)
             try:
-                column_kinds(table, table.columns)
+                guess_kinds(table, table.columns)
             except DataError as e:
                 assert str(path) in str(e) and "line" in str(e)
             return table

@@ -38,14 +38,34 @@ def add_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--spacing", type=float, default=None, metavar="MM", help="isotropic voxel size (mm)")
     p.add_argument("--subjects-per-shard", type=shape, default=64, metavar="K", help="subjects per shard")
     p.add_argument("--strict", action="store_true", help="exit 3 if any input is quarantined")
+    p.add_argument(
+        "--register",
+        choices=("auto", "affine", "rigid", "none"),
+        default="auto",
+        help="registration to the template (default auto: affine unless the inputs declare its space)",
+    )
+    p.add_argument("--template", metavar="FILE", help="study template (NIfTI); default: MNI152 (nilearn)")
+    p.add_argument("--mask", metavar="FILE", help="brain mask in template space; normalise inside it")
+    p.add_argument("--seed", type=int, default=0, help="registration's sampling seed (default 0)")
+    p.add_argument("--categorical", type=_names, default=[], metavar="COL[,COL]", help="covariates that are codes")
+    p.add_argument("--continuous", type=_names, default=[], metavar="COL[,COL]", help="covariates that are numbers")
+    p.add_argument("--session", default="all", metavar="LABEL|first|all", help="sessions to keep (default all)")
+    p.add_argument(
+        "--run", choices=("first", "last", "all"), default="last", help="of repeated runs, keep (default last)"
+    )
     add_task_options(p)
     p.set_defaults(handler=_run_ingest)
+
+
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def _run_ingest(args: argparse.Namespace) -> int:
     import os
 
     from hpcdiff.data.ingest import ingest
+    from hpcdiff.data.register import RegisterOptions
     from hpcdiff.data.shards import QUARANTINE
     from hpcdiff.data.slicing import task_of
     from hpcdiff.dist import detect_topology
@@ -60,6 +80,16 @@ def _run_ingest(args: argparse.Namespace) -> int:
         args.strict,
         task=task,
         num_tasks=num_tasks,
+        register=RegisterOptions(
+            mode=args.register,
+            template=Path(args.template) if args.template else None,
+            mask=Path(args.mask) if args.mask else None,
+            seed=args.seed,
+        ),
+        categorical=args.categorical,
+        continuous=args.continuous,
+        session=args.session,
+        run=args.run,
     )
     if not detect_topology().is_main:
         return 0

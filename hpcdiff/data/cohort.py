@@ -38,6 +38,8 @@ DEFAULT_SHAPE = (48, 56, 48)
 TRUTH_DIR = Path("derivatives") / "hpcdiff-truth"
 _PARAMS_FILE = ".hpcdiff-cohort.json"
 _AGE_RANGE = (45.0, 80.0)
+SPACE = "MNI152NLin2009aSym"
+"""The space of nilearn's MNI152 template (ICBM152 2009a nonlinear symmetric), which every subject is made from."""
 
 
 @dataclass(frozen=True)
@@ -315,6 +317,9 @@ def _write_participants(out: Path, subjects: list[Subject]) -> None:
             "group": {"Description": "diagnostic group", "Levels": {"control": "control", "patient": "patient"}},
         },
     )
+    # Every image is on a grid of the template's field of view: declared (BIDS inheritance: one sidecar for all
+    # T1w images), so ingest does not register them.
+    _write_json(out / "T1w.json", {"SpatialReference": SPACE})
     _write_json(
         out / "dataset_description.json",
         {

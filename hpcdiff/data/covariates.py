@@ -110,8 +110,8 @@ def read_bids_tsv(path: str | Path) -> TsvTable:
     return TsvTable(path, header, rows, lines)
 
 
-def column_kinds(table: TsvTable, columns: Sequence[str]) -> dict[str, str]:
-    """'continuous' for a column of numbers (missing values aside), 'categorical' for a column of words.
+def guess_kinds(table: TsvTable, columns: Sequence[str]) -> dict[str, str]:
+    """Guessed from the values: 'continuous' for a column of numbers (missing values aside), 'categorical' for words.
 
     A column mixing both is refused: a typo in one cell of a numeric column (``4O`` for ``40``, ``unknown`` for
     a gap) would otherwise silently turn the whole covariate into categories.

@@ -25,6 +25,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -33,7 +34,10 @@ from nibabel.processing import resample_from_to
 
 from hpcdiff import __version__
 from hpcdiff.atomic import file_sha256, write_text_atomic
-from hpcdiff.data.covariates import column_kinds, is_missing, is_number, read_bids_tsv, schema_of
+from hpcdiff.data.covariate_kinds import column_kinds
+from hpcdiff.data.covariates import TsvTable, is_missing, read_bids_tsv, schema_of
+from hpcdiff.data.register import Placement, RegisterOptions, RegistrationFailed, Space, decide, record_columns
+from hpcdiff.data.selection import select_images
 from hpcdiff.data.shards import (
     MANIFEST,
     QUARANTINE,
@@ -59,7 +63,7 @@ _DEFAULT_FOV_MM = (198.0, 234.0, 190.0)
 _PERCENTILES = (0.5, 99.5)
 NORMALISATION = "nonzero percentiles 0.5/99.5 -> [0, 1], clipped"
 RESAMPLING = "RAS, trilinear, isotropic spacing, grid centred on each input's field-of-view centre"
-_RESERVED = ("id", "session", "source_path", "source_sha256")
+_RESERVED = ("id", "session", "source_path", "source_sha256", "registration", "registration_r", "transform")
 _MEMORY_FIX = "use a smaller --shape (or a larger --spacing for the same field of view) or --subjects-per-shard"
 _T1W = re.compile(r"^sub-[^_]+(_.+)?_T1w\.nii(\.gz)?$")
 
@@ -82,6 +86,7 @@ class Plan:
     quarantine: list[tuple[str, str, str]]  # (source_path, subject, reason)
     covariates: dict[str, dict[str, list]]  # participant_id -> typed row, and the kinds
     kinds: dict[str, str] = field(default_factory=dict)
+    register: RegisterOptions | None = None  # None: conform only, as before registration existed
 
 
 @dataclass
@@ -102,7 +107,7 @@ def default_spacing(shape: Sequence[int]) -> float:
 
 
 # ---------------------------------------------------------------- plan (rank 0)
-def _read_participants(root: Path) -> tuple[list[str], list[dict[str, str]]]:
+def _read_participants(root: Path) -> tuple[list[str], TsvTable]:
     path = root / "participants.tsv"
     if not path.is_file():
         raise DataError(
@@ -118,12 +123,7 @@ def _read_participants(root: Path) -> tuple[list[str], list[dict[str, str]]]:
         raise DataError(f"{path}: columns {clash} clash with the shard table's own names {_RESERVED}; rename them")
     if not table.rows:
         raise DataError(f"{path}: no participants; add one line per subject under the header")
-    column_kinds(table, [c for c in columns if c != "participant_id"])  # refuse a numeric column with a typo
-    return [c for c in columns if c != "participant_id"], table.rows
-
-
-_is_number = is_number
-_missing = is_missing
+    return [c for c in columns if c != "participant_id"], table
 
 
 def _find_images(root: Path) -> list[Path]:
@@ -145,31 +145,40 @@ def _size(path: Path) -> int:
         return -1
 
 
-def make_plan(root: Path, subjects_per_shard: int) -> Plan:
-    """Decide which image goes into which shard, and which images cannot be placed at all (and why)."""
-    columns, rows = _read_participants(root)
+def make_plan(
+    root: Path,
+    subjects_per_shard: int,
+    *,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    session: str = "all",
+    run: str = "last",
+) -> Plan:
+    """Decide which image goes into which shard, and which images cannot be placed at all (and why).
+
+    Covariate kinds: see ``covariate_kinds.column_kinds``; sessions and runs: ``selection.select_images``.
+    """
+    columns, table = _read_participants(root)
+    rows = table.rows
     counts = Counter(r["participant_id"] for r in rows)
-    kinds = {
-        c: "continuous" if all(_is_number(r[c]) for r in rows if not _missing(r.get(c))) else "categorical"
-        for c in columns
-    }
+    kinds = column_kinds(table, columns, categorical, continuous)
     typed: dict[str, dict[str, object]] = {}
     for r in rows:
         typed[r["participant_id"]] = {
-            c: (float("nan") if _missing(r.get(c)) else float(r[c]))
+            c: (float("nan") if is_missing(r.get(c)) else float(r[c]))
             if kinds[c] == "continuous"
-            else ("n/a" if _missing(r.get(c)) else r[c].strip())
+            else ("n/a" if is_missing(r.get(c)) else r[c].strip())
             for c in columns
         }
     quarantine: list[tuple[str, str, str]] = []
-    by_key: dict[tuple[str, str], list[Candidate]] = {}
+    images = []
     for path in _find_images(root):
         rel = path.relative_to(root)
-        subject = rel.parts[0]
-        session = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
-        by_key.setdefault((subject, session), []).append(Candidate(subject, session, rel.as_posix(), _size(path)))
+        ses = rel.parts[1] if rel.parts[1].startswith("ses-") else ""
+        images.append(Candidate(rel.parts[0], ses, rel.as_posix(), _size(path)))
     good: list[Candidate] = []
-    for (subject, session), cands in sorted(by_key.items()):
+    for cands in select_images(images, session, run).groups:
+        subject, session = cands[0].subject, cands[0].session
         if len(cands) > 1:
             names = ", ".join(c.source_path for c in cands)
             key = f"{subject} {session}".strip()
@@ -212,6 +221,15 @@ def conform(path: Path, shape: Sequence[int], spacing: float) -> np.ndarray:
     Raises:
         Rejected: the input cannot be used; the message says why.
     """
+    return _own_grid(*load_checked(path), shape, spacing)
+
+
+def load_checked(path: Path) -> tuple[nib.Nifti1Image, float, float]:
+    """The input reoriented to RAS (float32), and the intensities that map to 0 and 1.
+
+    Raises:
+        Rejected: the input cannot be used; the message says why.
+    """
     try:
         path.stat()
     except OSError as e:  # nibabel says "no such file or no access" for all of these
@@ -238,34 +256,55 @@ def conform(path: Path, shape: Sequence[int], spacing: float) -> np.ndarray:
     lo, hi = np.percentile(nonzero, _PERCENTILES)
     if hi <= lo:
         raise Rejected(f"empty: constant intensity {lo}")
-    canonical = nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+    # lo, hi stay float64: with NumPy's scalar promotion that keeps the arithmetic below as it always was.
+    return nib.as_closest_canonical(nib.Nifti1Image(data, img.affine)), lo, hi
+
+
+def _own_grid(canonical: nib.Nifti1Image, lo: float, hi: float, shape: Sequence[int], spacing: float) -> np.ndarray:
     target = (tuple(shape), target_affine(spacing, shape, fov_centre(canonical)))
     resampled = resample_from_to(canonical, target, order=1, mode="constant", cval=0.0).get_fdata(dtype=np.float32)
     return np.clip((resampled - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 # ---------------------------------------------------------------- shards
-def _plan_digest(cands: list[Candidate], shape: Sequence[int], spacing: float) -> str:
-    text = json.dumps([[c.__dict__ for c in cands], list(shape), spacing, NORMALISATION, RESAMPLING])
+def _plan_digest(cands: list[Candidate], shape: Sequence[int], spacing: float, space: Space | None = None) -> str:
+    parts = [[c.__dict__ for c in cands], list(shape), spacing, NORMALISATION, RESAMPLING]
+    text = json.dumps(parts if space is None else [*parts, space.digest])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _write_one(
-    root: Path, out: Path, index: int, cands: list[Candidate], plan: Plan, shape: Sequence[int], spacing: float
+    root: Path,
+    out: Path,
+    index: int,
+    cands: list[Candidate],
+    plan: Plan,
+    shape: Sequence[int],
+    spacing: float,
+    placement: Placement | None = None,
 ) -> tuple[ShardInfo, list[tuple[str, str, str]], bool]:
     """Write (or keep) shard ``index``; returns its info, its quarantined inputs, and whether it was skipped."""
     path = out / shard_name(index)
-    digest = _plan_digest(cands, shape, spacing)
+    digest = _plan_digest(cands, shape, spacing, placement and placement.space)
     remove_stale_tmp(path)
     done = _done_shard(path, digest)
     if done is not None:
         return (*done, True)
-    images, kept, quarantine = [], [], []
+    images, kept, records, quarantine = [], [], [], []
     for c in cands:
         try:
-            images.append(conform(root / c.source_path, shape, spacing))
+            if placement is None:
+                images.append(conform(root / c.source_path, shape, spacing))
+            else:
+                img, lo, hi = load_checked(root / c.source_path)
+                volume, record = placement.place(
+                    img, lo, hi, c.source_path, _PERCENTILES, partial(_own_grid, img, lo, hi, shape, spacing)
+                )
+                log.info("ingest: %s: %s (%s)", c.source_path, record.method, record.why)
+                images.append(volume)
+                records.append(record)
             kept.append(c)
-        except Rejected as e:
+        except (Rejected, RegistrationFailed) as e:
             quarantine.append((c.source_path, c.subject, str(e)))
     table: dict[str, list] = {
         "id": [c.subject for c in kept],
@@ -273,6 +312,8 @@ def _write_one(
         "source_path": [c.source_path for c in kept],
         "source_sha256": [file_sha256(root / c.source_path) for c in kept],
     }
+    if placement is not None:
+        table.update(record_columns(records))
     for name in plan.kinds:
         table[name] = [plan.covariates[c.subject][name] for c in kept]
     stack = np.stack(images)[:, None] if images else np.zeros((0, 1, *shape), dtype=np.float32)
@@ -321,6 +362,11 @@ def ingest(
     *,
     task: int = 0,
     num_tasks: int = 1,
+    register: RegisterOptions | None = None,
+    categorical: Sequence[str] = (),
+    continuous: Sequence[str] = (),
+    session: str = "all",
+    run: str = "last",
 ) -> IngestResult:
     """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across array tasks and ranks.
 
@@ -333,6 +379,10 @@ def ingest(
         strict: any quarantined input makes the job fail with DataError (exit 3), without a manifest.
         task: this process's array task, 0..num_tasks-1 (its ranks come from the launcher).
         num_tasks: array tasks sharing the shards.
+        register: registration to a template (hpcdiff.data.register); default: affine unless the inputs declare
+            the template's space.
+        categorical, continuous: covariate kinds where participants.json does not declare them.
+        session: "all", "first" or a session label; run: "first", "last" or "all" (hpcdiff.data.selection).
     """
     from hpcdiff import dist
 
@@ -356,7 +406,13 @@ def ingest(
 
         def plan_on_main() -> Plan:
             out.mkdir(parents=True, exist_ok=True)
-            plan = make_plan(bids_root, subjects_per_shard)
+            plan = make_plan(
+                bids_root, subjects_per_shard, categorical=categorical, continuous=continuous, session=session, run=run
+            )
+            plan.register, why = decide(
+                register or RegisterOptions(), bids_root, [c.source_path for s in plan.shards for c in s]
+            )
+            log.info("ingest: %s", why)
             _remove_unplanned(out, len(plan.shards))
             log.info(
                 "ingest: %d images in %d shards of up to %d, %d quarantined before reading; task %d of %d, %d rank(s)",
@@ -374,20 +430,24 @@ def ingest(
         if strict and plan.quarantine:
             (out / MANIFEST).unlink(missing_ok=True)
             raise DataError(_strict_message(bids_root, plan.quarantine))
-        digests = [_plan_digest(cands, shape, spacing) for cands in plan.shards]
+        placement = None if plan.register is None else Placement(Space(plan.register, shape, spacing), bids_root)
+        space = placement and placement.space
+        digests = [_plan_digest(cands, shape, spacing, space) for cands in plan.shards]
         mine = worker.shards(len(plan.shards))
         if not all(looks_done(out / shard_name(i), digests[i]) for i in mine):
             (out / MANIFEST).unlink(missing_ok=True)  # until every shard is done again, the directory is partial
         results = {}
         for done, index in enumerate(mine, 1):
-            results[index] = _write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing)
+            results[index] = _write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing, placement)
             if ctx.is_main:
                 log.info("ingest: rank 0 finished %d/%d of its shards", done, len(mine))
         ours = {i: r for part in ctx.all_gather_object(results) for i, r in part.items()}
         finished = None
         if ctx.is_main:
             known = {i: (info, qs) for i, (info, qs, _) in ours.items()}
-            finished = _finish(bids_root, out, plan, digests, known, shape, spacing, subjects_per_shard, strict)
+            finished = _finish(
+                bids_root, out, plan, digests, known, shape, spacing, subjects_per_shard, strict, space=space
+            )
         finished = ctx.broadcast_object(finished)
         skipped = sum(1 for *_, s in ours.values() if s)
         if finished is None:  # other tasks' shards still missing
@@ -421,6 +481,7 @@ def _finish(
     spacing: float,
     subjects_per_shard: int,
     strict: bool,
+    space: Space | None = None,
 ) -> tuple[list[ShardInfo], list[tuple[str, str, str]]] | None:
     """If every shard is done, write quarantine.tsv and (unless strict refuses) the manifest; None otherwise.
 
@@ -456,7 +517,7 @@ def _finish(
         out,
         shape=shape,
         spacing=(spacing,) * 3,
-        affine=target_affine(spacing, shape, centre),
+        affine=target_affine(spacing, shape, centre) if space is None else space.grid,
         covariates=covariate_schema(plan, [c.subject for c in ingested]),
         shards=infos,
         subjects=read_shard_tables(paths),
@@ -467,6 +528,7 @@ def _finish(
             "subjects_per_shard": subjects_per_shard,
             "resampling": RESAMPLING,
             "normalisation": NORMALISATION,
+            **({} if space is None else {"registration": space.provenance()}),
         },
     )
     log.info("ingest: all %d shards done; wrote %s", len(paths), out / MANIFEST)
