@@ -26,6 +26,7 @@ FORMAT = "hpcdiff-shards"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine.tsv"
+SUBJECTS_JSON = "subjects.json"
 IMAGES = "images"
 SUBJECTS = "subjects"
 _STR = h5py.string_dtype("utf-8")
@@ -175,8 +176,16 @@ def write_manifest(
     covariates: Mapping[str, Any],
     shards: Sequence[ShardInfo],
     provenance: Mapping[str, Any],
+    subjects: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``root/manifest.json`` atomically; its presence means every listed shard is complete."""
+    """Write ``root/manifest.json`` atomically; its presence means every listed shard is complete.
+
+    ``subjects`` (column name -> values in global order, with ``shard`` and ``row``) is written first, atomically,
+    to ``root/subjects.json``, so a reader gets the whole table from one small file.
+    """
+    if subjects is not None:
+        columns = {name: list(values) for name, values in subjects.items()}
+        write_text_atomic(Path(root) / SUBJECTS_JSON, json.dumps({"columns": columns}) + "\n")
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
