@@ -28,7 +28,7 @@ from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, 
 from hpcdiff.config import build
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv, schema_of
 from hpcdiff.data.shards import MANIFEST, SUBJECTS_JSON, ShardInfo, ShardSet, shard_name, write_manifest, write_shard
-from hpcdiff.errors import CheckpointError, DataError, ShardError, UsageError
+from hpcdiff.errors import CheckpointError, DataError, DivergedError, ShardError, UsageError
 from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
 from hpcdiff.train import seed_for
 
@@ -407,7 +407,10 @@ class _SampleJob:
         )
         x = x.float().cpu().numpy()
         if not np.isfinite(x).all():
-            raise FloatingPointError(f"subjects {rows.start}..{rows.stop - 1}: the sampler produced NaN/Inf")
+            raise DivergedError(
+                f"subjects {rows.start}..{rows.stop - 1}: the sampler produced NaN/Inf from step {plan.pin.step}'s "
+                "EMA weights; sample another --checkpoint"
+            )
         return x if axis is None else np.expand_dims(x, 2 + axis)
 
     def finish(self, records: list[Record]) -> None:

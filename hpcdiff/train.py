@@ -27,7 +27,7 @@ from hpcdiff.config import build, diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, ConfigError
+from hpcdiff.errors import EXIT_REQUEUE, ConfigError, DivergedError
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
@@ -282,7 +282,7 @@ def _loop(
                 (loss / o_cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
+            raise DivergedError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
         if o_cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
         parts.optimizer.step()

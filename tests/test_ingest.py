@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hpcdiff.atomic import file_sha256
+from hpcdiff.batch import task_of
 from hpcdiff.data.cohort import make_cohort
 from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet, shard_name
-from hpcdiff.batch import task_of
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
 
 SHAPE = (24, 28, 24)

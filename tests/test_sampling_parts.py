@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv
 from hpcdiff.batch import Worker, array_task
+from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv
 from hpcdiff.errors import DataError, UsageError
 from hpcdiff.quality import downsample, median_bandwidth, mmd2
 

@@ -1,8 +1,9 @@
 """The ``hpcdiff`` command: one sub-command per job; each parses, validates and calls one library function.
 
-Nothing below this module knows the command line. Library exceptions become the exit codes of DESIGN.md:
-0 done, 2 usage or config error, 3 bad input data, 74 out of disk space (or quota, or ``ulimit -f``), 75 stopped on
-a signal after a checkpoint (requeue me).
+Nothing below this package knows the command line. Library exceptions become the exit codes of the table in
+docs/guarantees.md (``hpcdiff.errors``): 0 done, 2 usage or config error, 3 bad input data, 4 NaN/Inf loss,
+5 unloadable checkpoint, 74 out of disk space (or quota, or ``ulimit -f``), 75 retry me (stopped on a signal after
+a checkpoint, or a failure a rerun can fix: too many open files, an I/O error, a stale handle, a lock, a lost peer).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from collections.abc import Callable, Sequence
 
 from hpcdiff.cli.analysis import add_stats
 from hpcdiff.cli.common import Parser
-from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample
+from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample, add_verify
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
-from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, NO_SPACE_ERRNOS, HpcdiffError
+from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, NO_SPACE_ERRNOS, HpcdiffError, retry_cause
 
 log = logging.getLogger("hpcdiff")
 
@@ -39,6 +40,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_stats,
     add_sample,
     add_export,
+    add_verify,
     add_quality,
 )
 
@@ -67,26 +69,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     shared = False
     try:
         code = args.handler(args)
-    except HpcdiffError as e:
-        print(f"hpcdiff {args.command}: error: {e}", file=sys.stderr)
-        code, shared = e.exit_code, e.on_every_rank
-    except OSError as e:
-        if e.errno not in NO_SPACE_ERRNOS:
-            raise
-        where = f" writing {e.filename}" if e.filename else ""
-        print(
-            f"hpcdiff {args.command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
-            "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
-            "the same command again: finished results are kept and it goes on from where it stopped.",
-            file=sys.stderr,
-        )
-        code = EXIT_NO_SPACE
+    except Exception as e:
+        cause = retry_cause(e)
+        if cause is None:
+            code, shared = _report(args.command, e)
+        else:
+            print(
+                f"hpcdiff {args.command}: error: {cause}. This is a passing failure, not bad data: run the same "
+                f"command again (a Slurm requeue or the local supervisor does so, on exit {EXIT_REQUEUE}); finished "
+                "results are kept and it goes on from where it stopped.",
+                file=sys.stderr,
+            )
+            code = EXIT_REQUEUE
     except KeyboardInterrupt:
         code = 130
     if code not in (0, EXIT_REQUEUE) and not shared:
         # An error seen by one rank only must not leave the others waiting in a collective.
         abort_peers(code)
     return code
+
+
+def _report(command: str, e: Exception) -> tuple[int, bool]:
+    """Exit code and "seen by every rank" for an exception that is not worth a retry; re-raise a crash."""
+    if isinstance(e, HpcdiffError):
+        print(f"hpcdiff {command}: error: {e}", file=sys.stderr)
+        return e.exit_code, e.on_every_rank
+    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"hpcdiff {command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
+            "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
+            "the same command again: finished results are kept and it goes on from where it stopped.",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SPACE, False
+    raise e
 
 
 def run() -> None:

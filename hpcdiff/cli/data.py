@@ -179,6 +179,29 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- verify
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-read every shard (checksums, every chunk); exit 3 naming each bad file")
+    p.add_argument("shards", help="shard directory with a manifest.json")
+    p.add_argument("--task", type=int, help="array task index (default: from the Slurm array, else 0)")
+    p.add_argument("--num-tasks", type=positive, help="array tasks (default: from the Slurm array, else 1)")
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.batch import Worker, task_of
+    from hpcdiff.data.verify import verify
+    from hpcdiff.dist import detect_topology
+
+    topology = detect_topology()
+    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
+    r = verify(args.shards, worker)
+    print(f"verify: worker {worker.index} of {worker.count}: {len(r.checked)} of {r.num_shards} shard(s) good")
+    return 0
+
+
 # ---------------------------------------------------------------- quality
 def add_quality(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quality", help="synthetic vs held-out real: montage, mean/std maps, MMD beside a baseline")

@@ -21,15 +21,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, RunLockedError, UsageError
+from hpcdiff.errors import EXIT_REQUEUE, NO_RETRY_EXITS, RunLockedError, UsageError
 from hpcdiff.runstate import RunDir
 
 log = logging.getLogger("hpcdiff.supervisor")
 
 # Open MPI refuses to run as root, or more ranks than cores, unless told; both are normal on a workstation.
 _MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-# A bad config, bad data or a full disk fails the same way every time: rerunning only burns the restarts.
-_NO_RETRY = frozenset({EXIT_USAGE, EXIT_BAD_DATA, EXIT_NO_SPACE})
 
 
 def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
@@ -119,7 +117,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
             run.update_status(state="stopped", supervisor_last_exit=rc)
             run.event("supervisor_stopped", exit=rc)
             return EXIT_REQUEUE if rc == EXIT_REQUEUE else rc
-        if rc in _NO_RETRY:
+        if rc in NO_RETRY_EXITS:  # a rerun fails the same way (docs/guarantees.md, exit codes)
             run.update_status(state="failed", supervisor_last_exit=rc)
             run.event("supervisor_gave_up", exit=rc, restarts=restarts, reason="a rerun cannot fix this")
             return rc
