@@ -83,6 +83,7 @@ class SampleResult:
 
 
 PINNED = "weights.pt"
+_FINISH_FILES = (SUBJECTS_JSON, MANIFEST)
 _SAMPLING_KEYS = ("ema", "model_config", "objective_config", "covariates", "config", "step")
 
 
@@ -161,14 +162,13 @@ def _pinned_path(out: Path) -> Path:
     return Path(out) / STATE_DIR / PINNED
 
 
-def _pin(run_dir: Path, out: Path, step: int | None) -> tuple[Pin, dict[str, Any]]:
-    """The checkpoint this plan samples from: the folder's own copy when it has one of that step, else the run's."""
-    copy = _pinned_path(out)
-    if copy.is_file():
-        state = torch.load(copy, map_location="cpu", weights_only=True)
-        pin = Pin(**state.pop("pin"))
+def _pin(run_dir: Path, out: Path, step: int | None, reuse: bool) -> tuple[Pin, dict[str, Any]]:
+    """The checkpoint this plan samples from: the folder's own copy when it has one of that step (and ``reuse``),
+    else the run's."""
+    if reuse and _pinned_path(out).is_file():
+        pin, state = _read_copy(out)
         if step is None or step == pin.step:
-            return pin, state
+            return pin, {**state, "from_copy": True}
     info = _resolve(run_dir, step)
     state = _sampling_state(info)
     pin = Pin(info.step, str(info.path), info.weights_sha256, checkpoint.weights_sha256(state["ema"]))
@@ -274,7 +274,7 @@ class _SamplePlan:
 
     def marker(self) -> Marker:
         names = [shard_name(i) for i in range(self.num_outputs)]
-        return Marker("sample", "shards", self.plan_sha256, (*names, SUBJECTS_JSON, MANIFEST))
+        return Marker("sample", "shards", self.plan_sha256, (*names, *_FINISH_FILES))
 
     def provenance(self) -> dict[str, Any]:
         o = self.opts
@@ -300,9 +300,9 @@ class _SamplePlan:
         }
 
 
-def _make_plan(run_dir: Path, out: Path, opts: SampleOptions) -> _SamplePlan:
+def _make_plan(run_dir: Path, out: Path, opts: SampleOptions, overwrite: bool) -> _SamplePlan:
     """Pin the checkpoint and draw the cohort (rank 0 of each task); the copy of the weights is written next."""
-    pin, state = _pin(run_dir, out, opts.checkpoint)
+    pin, state = _pin(run_dir, out, opts.checkpoint, reuse=not overwrite)
     objective = build_objective(build(ObjectiveConfig, state["objective_config"], "objective"))
     sampler = objective.default_sampler if opts.sampler is None else opts.sampler
     if sampler not in objective.samplers:
@@ -324,7 +324,7 @@ def _keep_copy(plan: _SamplePlan) -> None:
     """Write the plan's own copy of the pinned weights into the output folder, unless it is there already."""
     path = _pinned_path(plan.out)
     state = plan.__dict__.pop("state", None)
-    if state is None or path.is_file():
+    if state is None or state.pop("from_copy", False):
         return
     buf = io.BytesIO()
     torch.save({**state, "pin": plan.pin.__dict__}, buf)
@@ -332,14 +332,22 @@ def _keep_copy(plan: _SamplePlan) -> None:
     log.info("sample: pinned step %d (ema sha256 %s...) in %s", plan.pin.step, plan.pin.ema_sha256[:12], path)
 
 
+def _read_copy(out: Path) -> tuple[Pin, dict[str, Any]]:
+    path = _pinned_path(out)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return Pin(**state.pop("pin")), state
+    except Exception as e:  # torch raises several kinds for a bad archive
+        raise CheckpointError(
+            f"cannot load the plan's pinned weights {path}: {e}; sample into a new --out, or pass --overwrite to "
+            "pin the checkpoint again"
+        ) from e
+
+
 def _load_pinned(plan: _SamplePlan, device: torch.device) -> _Generator:
     """The plan's copy of the weights, checked against the plan's digest of them."""
     path = _pinned_path(plan.out)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds for a bad archive
-        raise CheckpointError(f"cannot load the plan's pinned weights {path}: {e}") from e
-    state.pop("pin", None)
+    _, state = _read_copy(plan.out)
     found = checkpoint.weights_sha256(state["ema"])
     if found != plan.pin.ema_sha256:
         raise CheckpointError(
@@ -356,6 +364,7 @@ class _SampleJob:
     plan: _SamplePlan
     gen: _Generator
     device: torch.device
+    finish_files = _FINISH_FILES
 
     @property
     def out(self) -> Path:
@@ -468,7 +477,8 @@ def sample(
     try:
         worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
         device = device or dist.pick_device(ctx.topology.local_rank)
-        plan = plan_once(ctx, lambda: _make_plan(run_dir, out, opts), _SamplePlan.marker, out, overwrite, _keep_copy)
+        make = lambda: _make_plan(run_dir, out, opts, overwrite)  # noqa: E731
+        plan = plan_once(ctx, make, _SamplePlan.marker, out, overwrite, _keep_copy)
         torch.set_num_threads(plan.opts.threads)
         job = _SampleJob(plan, _load_pinned(plan, device), device)
         outcome = run(job, worker)

@@ -83,6 +83,8 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "step": parts.step,
         "position": parts.position,
         "world_size": ctx.world_size,
+        # Intra-op threads change the order of float sums: a resume with another count is no longer bitwise exact.
+        "num_threads": torch.get_num_threads(),
         "model": parts.model.state_dict(),
         "ema": parts.ema.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
@@ -165,6 +167,15 @@ def train(
         optimizer.load_state_dict(state["optimizer"])
         parts.step, parts.position = int(state["step"]), int(state["position"])
         log.info("resumed from %s (step %d)", resumed.path, parts.step)
+        saved_threads = state.get("num_threads")
+        if saved_threads is not None and saved_threads != torch.get_num_threads():
+            log.warning(
+                "resumed with %d intra-op thread(s), the checkpoint was written with %d: training goes on, but "
+                "no longer bitwise equal to an uninterrupted run (set OMP_NUM_THREADS=%d to keep that)",
+                torch.get_num_threads(),
+                saved_threads,
+                saved_threads,
+            )
 
     if ctx.is_main:
         previous = run.read_status()

@@ -25,6 +25,7 @@ class Toy:
     num_outputs: int
     plan_sha256: str = "p1"
     written: list[int] = field(default_factory=list)
+    finish_files = ("total.txt",)
 
     def files(self, index: int) -> list[str]:
         return [f"out-{index}.txt"]
@@ -71,6 +72,8 @@ def test_a_rerun_skips_recorded_outputs_and_redoes_missing_or_truncated_ones(tmp
     outcome = run(again, Worker(0, 1, 0, 1))
     assert again.written == [1, 2] and outcome.skipped == 2
     assert outcome.finished and not outcome.finished_here  # finished once, not twice
+    (tmp_path / "total.txt").unlink()
+    assert run(Toy(tmp_path, 4), Worker(0, 1, 0, 1)).finished_here  # a removed finishing file is written again
     other = Toy(tmp_path, 4, plan_sha256="p2")  # another plan's records never count
     assert run(other, Worker(0, 1, 0, 1)).written == 4
 

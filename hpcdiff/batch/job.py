@@ -37,6 +37,7 @@ class Job(Protocol):
     out: Path
     plan_sha256: str
     num_outputs: int
+    finish_files: tuple[str, ...]  # what finishing writes (relative to ``out``); all there = finished
 
     def files(self, index: int) -> list[str]:
         """Files (relative to ``out``) that output ``index`` consists of."""
@@ -115,9 +116,12 @@ def finish_if_done(job: Job, outcome: Outcome) -> None:
         return
     claim = job.out / STATE_DIR / CLAIM
     state = _claim(claim, job.plan_sha256)
-    if state == "done":
+    if state == "done" and all((job.out / f).is_file() for f in job.finish_files):
         outcome.finished = True
         return
+    if state == "done":  # finished once, but a finishing file was removed since: finish again
+        claim.unlink(missing_ok=True)
+        state = _claim(claim, job.plan_sha256)
     if state == "busy":
         return
     try:

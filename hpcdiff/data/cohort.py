@@ -252,11 +252,15 @@ class _CohortJob:
             "effects": asdict(self.effects),
         }
 
-    def marker(self) -> Marker:
+    @property
+    def finish_files(self) -> tuple[str, ...]:
         truth = [f"{TRUTH_DIR.as_posix()}/{name}.nii.gz" for name in _TRUTH_MAPS]
         truth += [f"{TRUTH_DIR.as_posix()}/truth.json", f"{TRUTH_DIR.as_posix()}/dataset_description.json"]
+        return (*truth, *_TOP_FILES)
+
+    def marker(self) -> Marker:
         subjects = [_subject_file(draw_subject(self.seed, i)[0]) for i in range(self.num_subjects)]
-        return Marker("cohort", "bids", self.plan_sha256, (*subjects, *truth, *_TOP_FILES))
+        return Marker("cohort", "bids", self.plan_sha256, (*subjects, *self.finish_files))
 
     @cached_property
     def anatomy(self) -> Anatomy:

@@ -94,9 +94,11 @@ class _ExportJob:
             {"command": "export", "shards": str(self.shards), "manifest": self.manifest, "space": SPACE}
         )
 
+    finish_files = ("participants.tsv", "dataset_description.json")
+
     def marker(self) -> Marker:
         files = [f for p in self.paths for f in (p, _sidecar(p))]
-        return Marker("export", "nifti", self.plan_sha256, (*files, "participants.tsv", "dataset_description.json"))
+        return Marker("export", "nifti", self.plan_sha256, (*files, *self.finish_files))
 
     def files(self, index: int) -> list[str]:
         return [self.paths[index], _sidecar(self.paths[index])]

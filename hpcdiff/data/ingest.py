@@ -246,9 +246,11 @@ class _IngestJob:
             }
         )
 
+    finish_files = (QUARANTINE, SUBJECTS_JSON, MANIFEST)
+
     def marker(self) -> Marker:
         names = [shard_name(i) for i in range(self.num_outputs)]
-        return Marker("ingest", "shards", self.plan_sha256, (*names, QUARANTINE, SUBJECTS_JSON, MANIFEST))
+        return Marker("ingest", "shards", self.plan_sha256, (*names, *self.finish_files))
 
     def files(self, index: int) -> list[str]:
         return [shard_name(index)]
