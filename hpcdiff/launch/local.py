@@ -27,7 +27,7 @@ from hpcdiff.runstate import RunDir
 log = logging.getLogger("hpcdiff.supervisor")
 
 # Open MPI refuses to run as root, or more ranks than cores, unless told; both are normal on a workstation.
-_MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
@@ -35,14 +35,26 @@ def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[s
     train = [sys.executable, "-m", "hpcdiff", "train", str(config), "--run-dir", str(run_dir), "--quiet"]
     for item in overrides:
         train += ["--set", item]
+    return mpirun_command(ranks, train)
+
+
+def mpirun_command(ranks: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` under ``mpirun -n ranks``; the one place hpcdiff builds an mpirun command line.
+
+    Oversubscribed and unbound: a workstation's normal case (more ranks than cores would otherwise be refused, and
+    Open MPI binds each of up to two ranks to one core). Without mpirun, one rank runs ``argv`` as it is.
+
+    Raises:
+        UsageError: more than one rank and no mpirun on PATH.
+    """
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         if ranks > 1:
             raise UsageError(
                 "mpirun not found: install Open MPI (apt-get install openmpi-bin) or `module load openmpi`"
             )
-        return train
-    return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *train]
+        return list(argv)
+    return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *argv]
 
 
 def start_detached(config: Path, run_dir: Path, ranks: int, max_restarts: int, overrides: Sequence[str]) -> int:
@@ -98,7 +110,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise RunLockedError(f"another supervisor already runs {run.root}") from None
-    env = {**os.environ, **(_MPI_ROOT_ENV if os.geteuid() == 0 else {})}
+    env = {**os.environ, **(MPI_ROOT_ENV if os.geteuid() == 0 else {})}
     cmd = train_command(config, run.root, ranks, overrides)
     forward = _Forward()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
