@@ -21,7 +21,7 @@ from typing import Any, Protocol, TypeVar
 from hpcdiff.atomic import remove_stale_tmp, write_text_atomic
 from hpcdiff.batch.hooks import from_environment
 from hpcdiff.batch.owner import STATE_DIR, Marker, take
-from hpcdiff.batch.records import Record, all_records, is_done, write_record
+from hpcdiff.batch.records import Record, all_listed, all_records, is_done, write_record
 from hpcdiff.batch.slices import Worker
 
 CLAIM = "finish.json"
@@ -111,8 +111,12 @@ def run(job: Job, worker: Worker) -> Outcome:
 
 
 def finish_if_done(job: Job, outcome: Outcome) -> None:
-    records = all_records(job.out, job.plan_sha256, job.num_outputs)
-    if records is None:
+    """Finish the job if every output is recorded and nobody else finishes or has finished it.
+
+    Only the worker holding the claim reads the records, so a thousand workers ending together cost a thousand
+    directory listings, not a thousand reads of every record.
+    """
+    if not all_listed(job.out, job.num_outputs):
         return
     claim = job.out / STATE_DIR / CLAIM
     state = _claim(claim, job.plan_sha256)
@@ -123,6 +127,10 @@ def finish_if_done(job: Job, outcome: Outcome) -> None:
         claim.unlink(missing_ok=True)
         state = _claim(claim, job.plan_sha256)
     if state == "busy":
+        return
+    records = all_records(job.out, job.plan_sha256, job.num_outputs)
+    if records is None:  # a record of another plan: not done after all
+        claim.unlink(missing_ok=True)
         return
     try:
         outcome.summary = job.finish(records)

@@ -71,21 +71,19 @@ def is_done(out: Path, index: int, plan_sha256: str, files: list[str]) -> Record
     return record
 
 
-def all_records(out: Path, plan_sha256: str, num_outputs: int) -> list[Record] | None:
-    """Every output's record, in index order, when all are there and of this plan; else None.
-
-    A directory listing answers "not yet" without opening anything.
-    """
+def all_listed(out: Path, num_outputs: int) -> bool:
+    """Whether every output has a record file: one directory listing, nothing opened."""
     try:
         names = set(os.listdir(records_dir(out)))
     except OSError:
-        return None
-    if len(names) < num_outputs:
-        return None
+        return False
+    return all(f"{index:06d}.json" in names for index in range(num_outputs))
+
+
+def all_records(out: Path, plan_sha256: str, num_outputs: int) -> list[Record] | None:
+    """Every output's record, in index order, when all are there and of this plan; else None."""
     found = []
     for index in range(num_outputs):
-        if f"{index:06d}.json" not in names:
-            return None
         record = read_record(out, index)
         if record is None or record.plan_sha256 != plan_sha256:
             return None

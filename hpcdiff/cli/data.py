@@ -38,7 +38,8 @@ def _run_cohort(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if detect_topology().is_main:
-        print(f"cohort: {len(subjects)} subjects in {args.out}; ground truth in {Path(args.out) / TRUTH_DIR}")
+        where = f"ground truth in {Path(args.out) / TRUTH_DIR}"
+        print(f"cohort: task {task} of {num_tasks}: {len(subjects)} subjects planned in {args.out}; {where}")
     return 0
 
 
