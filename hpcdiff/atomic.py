@@ -77,3 +77,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     atomic_write(path, text.encode("utf-8"))
+
+
+def remove_stale_tmp(path: Path) -> None:
+    """Temporary files a killed writer of ``path`` left behind (call it only from that file's writer)."""
+    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
+        tmp.unlink(missing_ok=True)

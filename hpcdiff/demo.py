@@ -17,13 +17,13 @@ from importlib import resources
 from pathlib import Path
 
 from hpcdiff.errors import HpcdiffError
+from hpcdiff.launch.local import MPI_ROOT_ENV, mpirun_command
 
 log = logging.getLogger(__name__)
 
 SHAPE = ("40", "48", "40")
 SUBJECTS = "64"
 SYNTHETIC = "16"
-_MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,8 @@ def stages(out: Path, config: Path) -> list[Stage]:
 
 def _command(stage: Stage, ranks: int) -> list[str]:
     base = [sys.executable, "-m", "hpcdiff", *stage.args]
-    mpirun = shutil.which("mpirun")
-    if stage.parallel and ranks > 1 and mpirun:
-        return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *base]
+    if stage.parallel and ranks > 1 and shutil.which("mpirun"):
+        return mpirun_command(ranks, base)
     return base
 
 
@@ -82,7 +81,7 @@ def run_demo(out: Path, ranks: int = 2) -> int:
     config = Path(str(resources.files("hpcdiff") / "resources" / "demo.yaml"))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if os.geteuid() == 0:
-        env.update(_MPI_ROOT_ENV)
+        env.update(MPI_ROOT_ENV)
     if ranks > 1 and not shutil.which("mpirun"):
         log.warning("mpirun not found: running every stage as one process (apt-get install openmpi-bin)")
     t_all = time.perf_counter()

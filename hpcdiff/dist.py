@@ -350,6 +350,15 @@ def _store_via_mpi(topo: Topology, timeout: _dt.timedelta) -> Any:
     return store
 
 
+def pick_device(local_rank: int) -> Any:
+    """The GPU of this local rank (round robin over the node's GPUs) when CUDA is present, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
 def init(
     timeout_s: float = 300.0,
     device: Literal["auto", "cpu", "cuda"] = "auto",
@@ -367,11 +376,9 @@ def init(
 
     topo = topology or detect_topology()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = pick_device(topo.local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
-        dev = torch.device("cuda", topo.local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
     if topo.world_size == 1:
         return Context(topo, dev, None, timeout_s)
     # Every rank names its host in its own log: where a rank ran is the first question after a failure.

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
 from hpcdiff.data.loader import slice_indices
@@ -199,7 +198,7 @@ def quality(
         max_subjects: at most this many subjects of each set are read (spread evenly over the set).
         seed: seeds the baseline's noise.
     """
-    from hpcdiff.data.export import nifti
+    from hpcdiff.nifti import write_nifti
 
     out = Path(out)
     r_set, s_set = ShardSet.open(real), ShardSet.open(synth)
@@ -248,7 +247,7 @@ def quality(
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, data in (("mean_real", mean_r), ("mean_synth", mean_s), ("std_real", std_r), ("std_synth", std_s)):
-        nib.save(nifti(data, affine), out / f"{name}.nii.gz")
+        write_nifti(out / f"{name}.nii.gz", data, affine, np.float32)
     _montage(out / "montage.png", np.stack(real_sum.shown), np.stack(synth_sum.shown))
     _maps(out / "maps.png", mean_r, mean_s, std_r, std_s, summary["maps"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

@@ -1,21 +1,21 @@
 """Sampling as a batch job: synthetic subjects from a run's EMA weights into shards, sliced and resumable.
 
 Subject i's covariates and noise depend only on (seed, i): its generator is seeded by ``seed_for(seed, i)`` and
-the sampler draws each sample's noise from its own generator. Subjects are cut into shards of K; worker
-``task * W + rank`` of ``T * W`` writes shards ``worker, worker + T*W, ...``, so the same subjects come out at any
-number of ranks or array tasks. A shard that is complete, verified and made by the same plan (weights, sampler,
-steps, guidance, seed, covariates) is skipped on a rerun; anything else is written again. The manifest is written
-by whichever worker finds every shard done after finishing its own, and its content is a function of the plan and
-the shards, so two workers racing to write it write the same bytes.
+the sampler draws each sample's noise from its own generator. Subjects are cut into shards of K, the outputs of a
+job on the sliced-job core (hpcdiff.batch). The plan pins everything the bytes depend on: the checkpoint (given by
+``--checkpoint STEP``, else the newest valid one when the plan is first made) with its weights digest, the sampler
+settings, the cohort and the intra-op thread count (float sums depend on it). The pinned EMA weights are copied
+into ``OUT/.hpcdiff/weights.pt``: every worker of the plan samples from that copy, so tasks that start hours apart
+while training goes on (and prunes checkpoints) use the same weights, and 1 process, N ranks and array tasks give
+the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +23,12 @@ import numpy as np
 import torch
 
 from hpcdiff import __version__, checkpoint
+from hpcdiff.atomic import atomic_write, file_sha256
+from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.config import build
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv, schema_of
-from hpcdiff.data.shards import (
-    MANIFEST,
-    ShardInfo,
-    ShardSet,
-    file_sha256,
-    looks_done,
-    remove_stale_tmp,
-    shard_name,
-    verified_shard,
-    write_manifest,
-    write_shard,
-)
-from hpcdiff.data.slicing import Worker
-from hpcdiff.errors import CheckpointError, DataError, ShardError, UsageError
+from hpcdiff.data.shards import MANIFEST, SUBJECTS_TABLE, ShardInfo, ShardSet, shard_name, write_manifest, write_shard
+from hpcdiff.errors import CheckpointError, DataError, DivergedError, ShardError, UsageError
 from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
 from hpcdiff.seeds import seed_for
 
@@ -65,9 +55,13 @@ class SampleOptions:
     """K, subjects per shard file (the unit of work and of resume)."""
     batch_size: int = 8
     """Subjects sampled together; changes speed and memory, not which subject is which."""
+    checkpoint: int | None = None
+    """Training step of the checkpoint to sample from; None pins the newest valid one when the plan is made."""
+    threads: int = 1
+    """Intra-op threads of every worker: part of the plan, since the order of float sums (so the bytes) follows it."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "subjects_per_shard", "batch_size"):
+        for key in ("steps", "subjects_per_shard", "batch_size", "threads"):
             if getattr(self, key) < 1:
                 raise UsageError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
         if self.n is not None and self.n < 1:
@@ -83,7 +77,24 @@ class SampleResult:
     num_shards: int
     shards_written: int
     shards_skipped: int
-    manifest_written: bool
+    manifest_written: bool  # by this worker
+    finished: bool  # by this worker or another
+    step: int  # of the pinned checkpoint
+
+
+PINNED = "weights.pt"
+_FINISH_FILES = (SUBJECTS_TABLE, MANIFEST)
+_SAMPLING_KEYS = ("ema", "model_config", "objective_config", "covariates", "config", "step")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The checkpoint a sampling plan uses, and the digests that identify its weights."""
+
+    step: int
+    checkpoint: str  # the folder it was copied from (it may be pruned since)
+    weights_sha256: str | None  # of model and EMA, as the checkpoint's marker says
+    ema_sha256: str  # of the EMA tensors alone: what every worker checks its copy against
 
 
 @dataclass
@@ -92,7 +103,6 @@ class _Generator:
 
     model: UNet
     objective: Any
-    info: checkpoint.CheckpointInfo
     state: dict[str, Any]
     grid: dict[str, Any]
     schema: dict[str, dict]
@@ -110,35 +120,74 @@ def _training_shards(state: dict[str, Any], what: str) -> ShardSet:
         raise DataError(f"{what} needs the run's training shards at {path}, which cannot be read ({e})") from e
 
 
-def load_generator(run_dir: Path, device: torch.device) -> _Generator:
-    """EMA weights of the newest valid checkpoint in ``run_dir``, ready to sample."""
-    info = checkpoint.latest_valid(Path(run_dir) / "checkpoints")
-    if info is None:
-        raise UsageError(f"no valid checkpoint in {Path(run_dir) / 'checkpoints'}: train the run first")
-    state = checkpoint.load(info, map_location="cpu", mmap=True)  # only the EMA weights are read
-    for key in ("ema", "model_config", "objective_config", "covariates", "config"):
+def _resolve(run_dir: Path, step: int | None) -> checkpoint.CheckpointInfo:
+    root = Path(run_dir) / "checkpoints"
+    if step is None:
+        info = checkpoint.latest_valid(root)
+        if info is None:
+            raise UsageError(f"no valid checkpoint in {root}: train the run first")
+        return info
+    info = checkpoint.verify(checkpoint.step_dir(root, step))
+    if not info.valid:
+        steps = [c.step for c in checkpoint.list_checkpoints(root, deep=False) if c.valid]
+        raise UsageError(f"--checkpoint {step}: {info.path} is not a valid checkpoint ({info.reason}); valid: {steps}")
+    return info
+
+
+def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
+    """What sampling needs from a checkpoint (EMA weights, configs, grid), and nothing else."""
+    state = checkpoint.load(info, map_location="cpu")
+    for key in _SAMPLING_KEYS:
         if key not in state:
             raise CheckpointError(f"{info.path}: checkpoint has no {key!r}; it was written by an older hpcdiff")
+    kept = {key: state[key] for key in _SAMPLING_KEYS}
+    kept["grid"] = state.get("grid") or _training_shards(state, "a checkpoint without its grid").grid
+    return kept
+
+
+def _generator(state: dict[str, Any], device: torch.device) -> _Generator:
     model = UNet(build(UNetConfig, state["model_config"], "model_config"))
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
     objective = build_objective(build(ObjectiveConfig, state["objective_config"], "objective"))
-    grid = state.get("grid") or _training_shards(state, "a checkpoint without its grid").grid
-    return _Generator(model, objective, info, state, grid, dict(state["covariates"]))
+    return _Generator(model, objective, state, state["grid"], dict(state["covariates"]))
 
 
-def _cohort(gen: _Generator, opts: SampleOptions) -> tuple[dict[str, list], str]:
-    """Covariates of every subject (same on every worker) and a description of where they came from."""
-    if not gen.schema:
+def load_generator(run_dir: Path, device: torch.device, step: int | None = None) -> _Generator:
+    """EMA weights of checkpoint ``step`` (default: the newest valid one) in ``run_dir``, ready to sample."""
+    return _generator(_sampling_state(_resolve(run_dir, step)), device)
+
+
+def _pinned_path(out: Path) -> Path:
+    return Path(out) / STATE_DIR / PINNED
+
+
+def _pin(run_dir: Path, out: Path, step: int | None, reuse: bool) -> tuple[Pin, dict[str, Any]]:
+    """The checkpoint this plan samples from: the folder's own copy when it has one of that step (and ``reuse``),
+    else the run's."""
+    if reuse and _pinned_path(out).is_file():
+        pin, state = _read_copy(out)
+        if step is None or step == pin.step:
+            return pin, {**state, "from_copy": True}
+    info = _resolve(run_dir, step)
+    state = _sampling_state(info)
+    pin = Pin(info.step, str(info.path), info.weights_sha256, checkpoint.weights_sha256(state["ema"]))
+    return pin, state
+
+
+def _cohort(state: dict[str, Any], schema: dict[str, dict], opts: SampleOptions) -> tuple[dict[str, list], str]:
+    """Covariates of every subject and a description of where they came from."""
+    if not schema:
         if opts.covariates is not None:
             raise UsageError(f"--covariates {opts.covariates}: the model was trained without covariates")
         return {}, "none (unconditional model)"
     if opts.covariates is not None:
-        columns = read_cohort_tsv(opts.covariates, gen.schema, opts.n)
+        columns = read_cohort_tsv(opts.covariates, schema, opts.n)
         return columns, f"{Path(opts.covariates).resolve()} (sha256 {file_sha256(Path(opts.covariates))})"
     assert opts.n is not None
-    table = _training_shards(gen.state, "drawing covariates without --covariates FILE.tsv").subjects()
-    return draw_cohort(table, list(gen.schema), opts.n, opts.seed), f"rows of {gen.training_shards}, seed {opts.seed}"
+    table = _training_shards(state, "drawing covariates without --covariates FILE.tsv").subjects()
+    shards = state["config"]["data"]["shards"]
+    return draw_cohort(table, list(schema), opts.n, opts.seed), f"rows of {shards}, seed {opts.seed}"
 
 
 def _tensors(columns: dict[str, list], schema: dict[str, dict], rows: range, device: torch.device) -> dict | None:
@@ -156,189 +205,292 @@ def _tensors(columns: dict[str, list], schema: dict[str, dict], rows: range, dev
     return out
 
 
-def _output_grid(gen: _Generator) -> tuple[list[int], list[float], np.ndarray, int | None]:
+def _output_grid(state: dict[str, Any]) -> tuple[list[int], list[float], list[list[float]], int | None]:
     """Shape, spacing and affine the samples are stored on, and the slice axis of a 2D model (else None).
 
     A 2D model's sample is one slice: stored as a volume one voxel thick at the middle of the slice axis.
     """
-    shape = [int(s) for s in gen.grid["shape"]]
-    affine = np.asarray(gen.grid["affine"], dtype=np.float64)
-    if gen.model.cfg.dims == 3:
-        return shape, list(gen.grid["spacing"]), affine, None
-    axis = int(gen.state["config"]["data"].get("slice_axis", 0))
+    grid = state["grid"]
+    shape = [int(s) for s in grid["shape"]]
+    affine = np.asarray(grid["affine"], dtype=np.float64)
+    spacing = [float(s) for s in grid["spacing"]]
+    if build(UNetConfig, state["model_config"], "model_config").dims == 3:
+        return shape, spacing, affine.tolist(), None
+    axis = int(state["config"]["data"].get("slice_axis", 0))
     affine = affine.copy()
     affine[:3, 3] += affine[:3, axis] * (shape[axis] // 2)
     shape[axis] = 1
-    return shape, list(gen.grid["spacing"]), affine, axis
+    return shape, spacing, affine.tolist(), axis
 
 
-def _draw(gen: _Generator, opts: SampleOptions, sampler: str, rows: range, cov: dict | None, device) -> np.ndarray:
-    """Sample subjects ``rows``; shape (len(rows), 1, D, H, W) float32 (a 2D model's slice axis has size 1)."""
-    shape, _, _, axis = _output_grid(gen)
-    spatial = [s for a, s in enumerate(shape) if a != axis] if axis is not None else shape
-    generators = [torch.Generator(device=device).manual_seed(seed_for(opts.seed, i)) for i in rows]
-    x = gen.objective.sample(
-        gen.model, (len(rows), 1, *spatial), cov, generators, opts.steps, sampler=sampler, guidance=opts.guidance
-    )
-    x = x.float().cpu().numpy()
-    if not np.isfinite(x).all():
-        raise FloatingPointError(f"subjects {rows.start}..{rows.stop - 1}: the sampler produced NaN/Inf")
-    return x if axis is None else np.expand_dims(x, 2 + axis)
+@dataclass
+class _SamplePlan:
+    """Everything a sampling worker needs and the bytes depend on; made once on rank 0 and broadcast."""
+
+    run_dir: Path
+    out: Path
+    opts: SampleOptions
+    pin: Pin
+    sampler: str
+    objective: dict[str, Any]
+    columns: dict[str, list]
+    source: str
+    schema: dict[str, dict]
+    shape: list[int]
+    spacing: list[float]
+    affine: list[list[float]]
+    axis: int | None
+    training_shards: str
+    num_subjects: int
+    plan_sha256: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        o = self.opts
+        self.plan_sha256 = digest(
+            {
+                "command": "sample",
+                "run_dir": str(self.run_dir),
+                "pin": self.pin.__dict__,
+                "objective": self.objective,
+                "sampler": self.sampler,
+                "steps": o.steps,
+                "guidance": o.guidance,
+                "seed": o.seed,
+                "subjects_per_shard": o.subjects_per_shard,
+                "threads": o.threads,
+                "covariates": self.columns,
+                "num_subjects": self.num_subjects,
+                "grid": [self.shape, self.spacing, self.affine, self.axis],
+            }
+        )
+
+    @property
+    def num_outputs(self) -> int:
+        return -(-self.num_subjects // self.opts.subjects_per_shard)
+
+    def rows(self, index: int) -> range:
+        k = self.opts.subjects_per_shard
+        return range(index * k, min((index + 1) * k, self.num_subjects))
+
+    def marker(self) -> Marker:
+        names = [shard_name(i) for i in range(self.num_outputs)]
+        return Marker("sample", "shards", self.plan_sha256, (*names, *_FINISH_FILES))
+
+    def provenance(self) -> dict[str, Any]:
+        o = self.opts
+        return {
+            "tool": "hpcdiff sample",
+            "version": __version__,
+            "run_dir": str(self.run_dir),
+            "checkpoint": self.pin.checkpoint,
+            "step": self.pin.step,
+            "weights_sha256": self.pin.weights_sha256,
+            "ema_sha256": self.pin.ema_sha256,
+            "objective": self.objective,
+            "sampler": self.sampler,
+            "steps": o.steps,
+            "guidance": o.guidance,
+            "seed": o.seed,
+            "threads": o.threads,
+            "subjects_per_shard": o.subjects_per_shard,
+            "covariates_source": self.source,
+            "training_shards": self.training_shards,
+            "slice_axis": self.axis,
+            "plan_sha256": self.plan_sha256,
+        }
 
 
-def _plan_digest(gen: _Generator, opts: SampleOptions, sampler: str, columns: dict[str, list], rows: range) -> str:
-    """What a shard's bytes depend on (not paths, ranks or batch size): a shard made from another plan is redone."""
-    key = {
-        "weights_sha256": gen.info.weights_sha256,
-        "objective": gen.state["objective_config"],
-        "sampler": sampler,
-        "steps": opts.steps,
-        "guidance": opts.guidance,
-        "seed": opts.seed,
-        "rows": [rows.start, rows.stop],
-        "covariates": {name: [columns[name][i] for i in rows] for name in columns},
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+def _make_plan(run_dir: Path, out: Path, opts: SampleOptions, overwrite: bool) -> _SamplePlan:
+    """Pin the checkpoint and draw the cohort (rank 0 of each task); the copy of the weights is written next."""
+    pin, state = _pin(run_dir, out, opts.checkpoint, reuse=not overwrite)
+    objective = build_objective(build(ObjectiveConfig, state["objective_config"], "objective"))
+    sampler = objective.default_sampler if opts.sampler is None else opts.sampler
+    if sampler not in objective.samplers:
+        raise UsageError(f"--sampler {sampler!r}: this run's objective offers {list(objective.samplers)}")
+    schema = dict(state["covariates"])
+    columns, source = _cohort(state, schema, opts)
+    n = len(next(iter(columns.values()))) if columns else opts.n
+    assert n is not None
+    shape, spacing, affine, axis = _output_grid(state)
+    plan = _SamplePlan(
+        run_dir, out, opts, pin, sampler, state["objective_config"], columns, source, schema,
+        shape, spacing, affine, axis, str(state["config"]["data"]["shards"]), n,
+    )  # fmt: skip
+    plan.state = state  # type: ignore[attr-defined]  # on rank 0 only, for _keep_copy; never broadcast
+    return plan
+
+
+def _keep_copy(plan: _SamplePlan) -> None:
+    """Write the plan's own copy of the pinned weights into the output folder, unless it is there already."""
+    path = _pinned_path(plan.out)
+    state = plan.__dict__.pop("state", None)
+    if state is None or state.pop("from_copy", False):
+        return
+    buf = io.BytesIO()
+    torch.save({**state, "pin": plan.pin.__dict__}, buf)
+    atomic_write(path, buf.getvalue())
+    log.info("sample: pinned step %d (ema sha256 %s...) in %s", plan.pin.step, plan.pin.ema_sha256[:12], path)
+
+
+def _read_copy(out: Path) -> tuple[Pin, dict[str, Any]]:
+    path = _pinned_path(out)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return Pin(**state.pop("pin")), state
+    except Exception as e:  # torch raises several kinds for a bad archive
+        raise CheckpointError(
+            f"cannot load the plan's pinned weights {path}: {e}; sample into a new --out, or pass --overwrite to "
+            "pin the checkpoint again"
+        ) from e
+
+
+def _load_pinned(plan: _SamplePlan, device: torch.device) -> _Generator:
+    """The plan's copy of the weights, checked against the plan's digest of them."""
+    path = _pinned_path(plan.out)
+    _, state = _read_copy(plan.out)
+    found = checkpoint.weights_sha256(state["ema"])
+    if found != plan.pin.ema_sha256:
+        raise CheckpointError(
+            f"{path}: EMA weights digest {found[:12]}... differs from the plan's {plan.pin.ema_sha256[:12]}... "
+            "(the copy changed on disk); rerun with --overwrite to pin again"
+        )
+    return _generator(state, device)
+
+
+@dataclass
+class _SampleJob:
+    """One worker's view of the plan: the outputs are shards, finishing writes subjects.json and the manifest."""
+
+    plan: _SamplePlan
+    gen: _Generator
+    device: torch.device
+    finish_files = _FINISH_FILES
+
+    @property
+    def out(self) -> Path:
+        return self.plan.out
+
+    @property
+    def plan_sha256(self) -> str:
+        return self.plan.plan_sha256
+
+    @property
+    def num_outputs(self) -> int:
+        return self.plan.num_outputs
+
+    def files(self, index: int) -> list[str]:
+        return [shard_name(index)]
+
+    def write(self, index: int) -> dict[str, Any]:
+        plan, opts, rows = self.plan, self.plan.opts, self.plan.rows(index)
+        t0 = time.perf_counter()
+        batches = (range(s, min(s + opts.batch_size, rows.stop)) for s in rows[:: opts.batch_size])
+        images = np.concatenate([self._draw(b) for b in batches])
+        table: dict[str, list] = {
+            "id": [f"synth-{i:06d}" for i in rows],
+            "session": [""] * len(rows),
+            "source_path": [f"{plan.run_dir}@{plan.pin.step}"] * len(rows),
+            "source_sha256": [plan.pin.weights_sha256 or ""] * len(rows),
+            **{name: [plan.columns[name][i] for i in rows] for name in plan.columns},
+        }
+        attrs = {"plan_sha256": plan.plan_sha256, "ema_sha256": plan.pin.ema_sha256, "step": plan.pin.step}
+        info = write_shard(plan.out / shard_name(index), images, table, attrs=attrs)
+        log.info("sample: wrote %s (%d subjects, %.1f s)", info.file, len(rows), time.perf_counter() - t0)
+        return {"info": info.to_json(), "subjects": table}
+
+    def _draw(self, rows: range) -> np.ndarray:
+        """Sample subjects ``rows``; shape (len(rows), 1, D, H, W) float32 (a 2D model's slice axis has size 1)."""
+        plan, device = self.plan, self.device
+        axis = plan.axis
+        spatial = [s for a, s in enumerate(plan.shape) if a != axis] if axis is not None else plan.shape
+        cov = _tensors(plan.columns, plan.schema, rows, device)
+        generators = [torch.Generator(device=device).manual_seed(seed_for(plan.opts.seed, i)) for i in rows]
+        x = self.gen.objective.sample(
+            self.gen.model,
+            (len(rows), 1, *spatial),
+            cov,
+            generators,
+            plan.opts.steps,
+            sampler=plan.sampler,
+            guidance=plan.opts.guidance,
+        )
+        x = x.float().cpu().numpy()
+        if not np.isfinite(x).all():
+            raise DivergedError(
+                f"subjects {rows.start}..{rows.stop - 1}: the sampler produced NaN/Inf from step {plan.pin.step}'s "
+                "EMA weights; sample another --checkpoint"
+            )
+        return x if axis is None else np.expand_dims(x, 2 + axis)
+
+    def finish(self, records: list[Record]) -> None:
+        plan = self.plan
+        table: dict[str, list] = {}
+        for shard, r in enumerate(records):
+            for name, values in r.data["subjects"].items():
+                table.setdefault(name, []).extend(values)
+            count = len(r.data["subjects"]["id"])
+            table.setdefault("shard", []).extend([shard] * count)
+            table.setdefault("row", []).extend(range(count))
+        kinds = {name: spec["kind"] for name, spec in plan.schema.items()}
+        covariates = schema_of(plan.columns, kinds)
+        for name, spec in plan.schema.items():
+            if spec["kind"] == "categorical":
+                covariates[name] = {"kind": "categorical", "levels": list(spec["levels"])}  # the model's level order
+        write_manifest(
+            plan.out,
+            shape=plan.shape,
+            spacing=plan.spacing,
+            affine=plan.affine,
+            covariates=covariates,
+            shards=[ShardInfo(**r.data["info"]) for r in records],
+            provenance=plan.provenance(),
+            subjects=table,
+        )
+        log.info("sample: all %d shards done; wrote %s", len(records), plan.out / MANIFEST)
 
 
 def sample(
     run_dir: str | Path,
     out: str | Path,
     opts: SampleOptions,
-    worker: Worker,
+    task: int = 0,
+    num_tasks: int = 1,
     device: torch.device | None = None,
+    overwrite: bool = False,
 ) -> SampleResult:
     """Write this worker's shards of the synthetic cohort; write the manifest if every shard is then done.
 
     Args:
-        run_dir: training run directory (its newest valid checkpoint is used).
+        run_dir: training run directory.
         out: shard directory to create or complete.
-        opts: what to sample.
-        worker: this process's place among array tasks and ranks.
+        opts: what to sample (and from which checkpoint).
+        task: this process's array task, 0..num_tasks-1 (its ranks come from the launcher).
+        num_tasks: array tasks sharing the shards.
         device: where to run the network; default the GPU of the local rank if any, else the CPU.
+        overwrite: replace the shards of another sampling plan in ``out`` (only those its marker lists).
     """
+    from hpcdiff import dist
+
     run_dir, out = Path(run_dir).resolve(), Path(out)
-    device = device or torch.device("cpu")
-    gen = load_generator(run_dir, device)
-    sampler = gen.objective.default_sampler if opts.sampler is None else opts.sampler
-    if sampler not in gen.objective.samplers:
-        raise UsageError(f"--sampler {sampler!r}: this run's objective offers {list(gen.objective.samplers)}")
-    columns, source = _cohort(gen, opts)
-    n = len(next(iter(columns.values()))) if columns else opts.n
-    assert n is not None
-    k = opts.subjects_per_shard
-    shard_rows = [range(s, min(s + k, n)) for s in range(0, n, k)]
-    shape, spacing, affine, axis = _output_grid(gen)
-    provenance = {
-        "tool": "hpcdiff sample",
-        "version": __version__,
-        "run_dir": str(run_dir),
-        "checkpoint": str(gen.info.path),
-        "step": int(gen.state["step"]),
-        "weights_sha256": gen.info.weights_sha256,
-        "objective": gen.state["objective_config"],
-        "sampler": sampler,
-        "steps": opts.steps,
-        "guidance": opts.guidance,
-        "seed": opts.seed,
-        "subjects_per_shard": k,
-        "covariates_source": source,
-        "training_shards": gen.training_shards,
-        "slice_axis": axis,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    _drop_stale_manifest(out, provenance)
-    digests = [_plan_digest(gen, opts, sampler, columns, rows) for rows in shard_rows]
-    written = skipped = 0
-    mine = worker.shards(len(shard_rows))
-    for index in mine:
-        path, rows = out / shard_name(index), shard_rows[index]
-        remove_stale_tmp(path)
-        if looks_done(path, digests[index]) and verified_shard(path, expected=len(rows)) is not None:
-            skipped += 1
-            continue
-        t0 = time.perf_counter()
-        images = np.concatenate(
-            [
-                _draw(gen, opts, sampler, b, _tensors(columns, gen.schema, b, device), device)
-                for b in (range(s, min(s + opts.batch_size, rows.stop)) for s in rows[:: opts.batch_size])
-            ]
-        )
-        write_shard(path, images, _table(run_dir, gen, columns, rows), attrs={"plan_sha256": digests[index]})
-        written += 1
-        seconds = time.perf_counter() - t0
-        log.info("sample: worker %d wrote %s (%d subjects, %.1f s)", worker.index, path.name, len(rows), seconds)
-    table = _table(run_dir, gen, columns, range(n))
-    manifest = _finish(out, shard_rows, digests, shape, spacing, affine, columns, gen.schema, provenance, table)
-    return SampleResult(out, n, len(shard_rows), written, skipped, manifest)
-
-
-def _table(run_dir: Path, gen: _Generator, columns: dict[str, list], rows: range) -> dict[str, list]:
-    """The subjects table of synthetic subjects ``rows``: what each shard stores, and the manifest's whole table."""
-    return {
-        "id": [f"synth-{i:06d}" for i in rows],
-        "session": [""] * len(rows),
-        "source_path": [f"{run_dir}@{gen.state['step']}"] * len(rows),
-        "source_sha256": [gen.info.weights_sha256 or ""] * len(rows),
-        **{name: [columns[name][i] for i in rows] for name in columns},
-    }
-
-
-def _drop_stale_manifest(out: Path, provenance: dict[str, Any]) -> None:
-    """A manifest of another plan would describe shards about to be rewritten: remove it first."""
-    path = out / MANIFEST
+    Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
+    ctx = dist.init(device="cpu")
     try:
-        old = json.loads(path.read_text(encoding="utf-8")).get("provenance")
-    except (OSError, json.JSONDecodeError):
-        old = None
-    if path.exists() and old != json.loads(json.dumps(provenance)):
-        log.warning("sample: %s describes another sampling plan; it is removed and rewritten when done", path)
-        path.unlink(missing_ok=True)
-
-
-def _finish(
-    out: Path,
-    shard_rows: list[range],
-    digests: list[str],
-    shape: list[int],
-    spacing: list[float],
-    affine: np.ndarray,
-    columns: dict[str, list],
-    schema: dict[str, dict],
-    provenance: dict[str, Any],
-    subjects: dict[str, list],
-) -> bool:
-    """Write the manifest if every shard is done; False when some other worker's shards are still missing."""
-    paths = [out / shard_name(i) for i in range(len(shard_rows))]
-    if not all(looks_done(p, d) for p, d in zip(paths, digests)):
-        return False
-    infos: list[ShardInfo] = []
-    for path, rows in zip(paths, shard_rows):
-        info = verified_shard(path, expected=len(rows))
-        if info is None:
-            return False
-        infos.append(info)
-    kinds = {name: spec["kind"] for name, spec in schema.items()}
-    covariates = schema_of(columns, kinds)
-    for name, spec in schema.items():
-        if spec["kind"] == "categorical":
-            covariates[name] = {"kind": "categorical", "levels": list(spec["levels"])}  # the model's level order
-    write_manifest(
-        out,
-        shape=shape,
-        spacing=spacing,
-        affine=affine,
-        covariates=covariates,
-        shards=infos,
-        provenance=provenance,
-        subjects=subjects,
-    )
-    log.info("sample: all %d shards done; wrote %s", len(paths), out / MANIFEST)
-    return True
-
-
-def default_device(local_rank: int) -> torch.device:
-    """The GPU of this local rank when CUDA is present, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+        worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
+        device = device or dist.pick_device(ctx.topology.local_rank)
+        make = lambda: _make_plan(run_dir, out, opts, overwrite)  # noqa: E731
+        plan = plan_once(ctx, make, _SamplePlan.marker, out, overwrite, _keep_copy)
+        torch.set_num_threads(plan.opts.threads)
+        job = _SampleJob(plan, _load_pinned(plan, device), device)
+        outcome = run(job, worker)
+        return SampleResult(
+            out,
+            plan.num_subjects,
+            plan.num_outputs,
+            outcome.written,
+            outcome.skipped,
+            outcome.finished_here,
+            outcome.finished,
+            plan.pin.step,
+        )
+    finally:
+        ctx.close()

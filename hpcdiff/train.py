@@ -27,7 +27,7 @@ from hpcdiff.config import diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
-from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, CheckpointError, ConfigError, LeaseLostError
+from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, CheckpointError, ConfigError, DivergedError, LeaseLostError
 from hpcdiff.models import UNet, UNetConfig, covariate_specs
 from hpcdiff.runstate import RunDir
 from hpcdiff.seeds import seed_for
@@ -67,6 +67,8 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "step": parts.step,
         "position": parts.position,
         "world_size": ctx.world_size,
+        # Intra-op threads change the order of float sums: a resume with another count is no longer bitwise exact.
+        "num_threads": torch.get_num_threads(),
         "model": parts.model.state_dict(),
         "ema": parts.ema.state_dict(),
         "optimizer": parts.optimizer.state_dict(),
@@ -288,7 +290,7 @@ def _loop(
                 (loss / o_cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
         if not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
+            raise DivergedError(f"loss is {loss_sum.item()} at step {step}: lower optim.lr or check the data")
         if o_cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), o_cfg.grad_clip)
         else:
@@ -414,6 +416,15 @@ def _resume(
             f"changed: resume with the config frozen in {run.config}, or train the new model in a new --run-dir"
         ) from e
     parts.step, parts.position = int(state["step"]), int(state["position"])
+    saved_threads = state.get("num_threads")
+    if saved_threads is not None and saved_threads != torch.get_num_threads():
+        log.warning(
+            "resumed with %d intra-op thread(s), the checkpoint was written with %d: training goes on, but "
+            "no longer bitwise equal to an uninterrupted run (set OMP_NUM_THREADS=%d to keep that)",
+            torch.get_num_threads(),
+            saved_threads,
+            saved_threads,
+        )
     digest = checkpoint.weights_sha256(parts.model.state_dict(), parts.ema.state_dict())
     if decision.weights_sha256 is not None and digest != decision.weights_sha256:
         raise CheckpointError(f"{info.path}: weights loaded on rank {ctx.rank} differ from what rank 0 verified")

@@ -45,7 +45,7 @@ def test_rerun_skips_existing_files_and_refuses_other_parameters(tmp_path):
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
     proc = hpcdiff("cohort", "--out", tmp_path, "--subjects", 2, "--shape", *SHAPE, "--seed", 2, timeout=300)
     assert_ok(proc, 2)
-    assert "other parameters" in proc.stderr
+    assert "another hpcdiff cohort plan" in proc.stderr and "--overwrite" in proc.stderr
 
 
 def test_planted_effects_sit_where_the_truth_maps_say():

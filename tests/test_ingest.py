@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hpcdiff.atomic import file_sha256
+from hpcdiff.batch import task_of
 from hpcdiff.data.cohort import make_cohort
 from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet, shard_name
-from hpcdiff.data.slicing import task_of
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
 
 SHAPE = (24, 28, 24)
@@ -179,7 +179,7 @@ def test_two_array_tasks_give_the_shards_quarantine_and_manifest_of_one_process(
     out = tmp_path / "tasks"
     first = _ingest(bad_bids, out, "--task", 0, "--num-tasks", 2)
     assert_ok(first)
-    assert "task 0 of 2" in first.stdout and "other tasks' shards still missing" in first.stdout
+    assert "task 0 of 2" in first.stdout and "other workers' shards still missing" in first.stdout
     assert sorted(p.name for p in out.glob("shard-*.h5")) == [shard_name(i) for i in range(0, num_shards, 2)]
     assert not (out / MANIFEST).exists() and not (out / QUARANTINE).exists()
     # The second task takes its place from a Slurm array's variables (IDs need not start at 0) and finishes the job.

@@ -13,7 +13,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -21,9 +20,10 @@ import numpy as np
 import pytest
 from nilearn.image import resample_to_img
 
+from hpcdiff.batch.hooks import KILL_AFTER
 from hpcdiff.data.shards import ShardSet
 from tests.datagen import blob_shards, job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require
+from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun, require
 
 SHAPE = (16, 20, 16)
 STEPS = 300
@@ -84,14 +84,9 @@ def test_manifest_has_the_training_grid_and_provenance(trained, reference):
 
 def test_sigkill_mid_shard_then_rerun_gives_the_same_bytes(trained, reference, tmp_path):
     out = tmp_path / "killed"
-    argv = [*HPCDIFF, "sample", "--run-dir", trained["run"], "--out", out, *SMALL]
-    proc = subprocess.Popen(list(map(str, argv)), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (out / "shard-00000.h5").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "sampling ended before it could be killed mid-run"
+    # The core's kill hook: SIGKILL right after the first shard is written and recorded.
+    proc = hpcdiff("sample", "--run-dir", trained["run"], "--out", out, *SMALL, env={KILL_AFTER: "1"}, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (out / "manifest.json").exists() and not (out / "shard-00002.h5").exists()
     rerun = hpcdiff("sample", "--run-dir", trained["run"], "--out", out, *SMALL, timeout=600)
     assert_ok(rerun)

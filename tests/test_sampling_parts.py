@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from hpcdiff.batch import Worker, array_task
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv
-from hpcdiff.data.slicing import Worker, array_task
 from hpcdiff.errors import DataError, UsageError
 from hpcdiff.quality import downsample, median_bandwidth, mmd2
 
@@ -24,7 +24,7 @@ def test_every_shard_has_exactly_one_worker(tasks, world):
     owners = [
         shard
         for task, rank in itertools.product(range(tasks), range(world))
-        for shard in Worker(task, tasks, rank, world).shards(23)
+        for shard in Worker(task, tasks, rank, world).indices(23)
     ]
     assert sorted(owners) == list(range(23))
 

@@ -17,7 +17,7 @@ import pytest
 
 from hpcdiff.data.loader import rank_positions, stream_indices
 from hpcdiff.data.shards import SUBJECTS_TABLE
-from hpcdiff.data.slicing import Worker
+from hpcdiff.batch import Worker
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, PYTHON, ROOT, assert_ok, hpcdiff, mpirun, require
 
@@ -56,7 +56,7 @@ def test_sliced_data_plan_for_40000_outputs_on_100_tasks_of_8_ranks_covers_each_
     per_worker = []
     for task in range(tasks):
         for rank in range(ranks):
-            mine = Worker(task, tasks, rank, ranks).shards(UKB_SUBJECTS)
+            mine = Worker(task, tasks, rank, ranks).indices(UKB_SUBJECTS)
             counts.update(mine)
             per_worker.append(len(mine))
     assert sorted(counts) == list(range(UKB_SUBJECTS)) and set(counts.values()) == {1}

@@ -330,7 +330,9 @@ def test_sampling_array_with_a_killed_task_reruns_only_that_task_and_equals_an_u
 
     # Task 1 has written its first shard (1) and is sampling its second (4): SIGKILL it, a crash mid-shard.
     pid = wait_for(lambda: _task_pid(array_id, 1, str(out)), 180, "the process of task 1", poll=0.1)
-    wait_for(lambda: (out / "shard-00001.h5").exists(), 180, "task 1 to write its first shard", poll=0.02)
+    # A shard counts once its record is written, right after the shard itself.
+    record = out / ".hpcdiff" / "records" / "000001.json"
+    wait_for(record.exists, 180, "task 1 to write and record its first shard", poll=0.02)
     os.kill(pid, signal.SIGKILL)
     assert not (out / "shard-00004.h5").exists(), "task 1 finished before the kill: raise --steps"
     first = _files(out)["shard-00001.h5"]

@@ -1,10 +1,12 @@
 """The ``hpcdiff`` command: one sub-command per job; each parses, validates and calls one library function.
 
-Nothing below this module knows the command line. Library exceptions become the exit codes of the CLI contract:
-0 done, 2 usage or config error (also a path that cannot be used: a file where a folder is needed, no permission,
-a read-only file system; and a job too big for memory: a rerun cannot fix either), 3 bad input data, 74 out of
-disk space (or quota, or ``ulimit -f``), 75 stopped on a signal after a checkpoint (requeue me), 141 the reader of
-our output went away (``| head``), as for a command killed by SIGPIPE.
+Nothing below this package knows the command line. Library exceptions become the exit codes of the table in
+docs/guarantees.md (``hpcdiff.errors``): 0 done, 2 usage or config error (also a path that cannot be used: a file
+where a folder is needed, no permission, a read-only file system; and a job too big for memory: a rerun cannot fix
+either), 3 bad input data, 4 NaN/Inf loss, 5 unloadable checkpoint, 74 out of disk space (or quota, or
+``ulimit -f``), 75 retry me (stopped on a signal after a checkpoint, or a failure a rerun can fix: too many open
+files, an I/O error, a stale handle, a lock, a lost peer), 141 the reader of our output went away (``| head``), as
+for a command killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from collections.abc import Callable, Sequence
 
 from hpcdiff.cli.analysis import add_stats
 from hpcdiff.cli.common import Parser
-from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample
+from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample, add_verify
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_report, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
-from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, NO_SPACE_ERRNOS, HpcdiffError
+from hpcdiff.errors import EXIT_NO_SPACE, EXIT_REQUEUE, EXIT_USAGE, NO_SPACE_ERRNOS, HpcdiffError, retry_cause
 
 log = logging.getLogger("hpcdiff")
 
@@ -59,6 +61,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_stats,
     add_sample,
     add_export,
+    add_verify,
     add_quality,
 )
 
@@ -88,22 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.handler(args)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
-    except HpcdiffError as e:
-        print(f"hpcdiff {args.command}: error: {e}", file=sys.stderr)
-        code, shared = e.exit_code, e.on_every_rank
     except BrokenPipeError:
         # Python flushes stdout again at exit: point it at /dev/null so that flush cannot fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
-    except OSError as e:
-        if e.errno in _PATH_HINTS:
-            what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a path"
-            print(f"hpcdiff {args.command}: error: {what}: {e.strerror}; {_PATH_HINTS[e.errno]}", file=sys.stderr)
-            code = EXIT_USAGE
-        elif e.errno not in NO_SPACE_ERRNOS:
-            raise
-        else:
-            code = _no_space(args.command, e)
     except MemoryError as e:  # numpy says how much: "Unable to allocate 238. GiB for an array with shape ..."
         print(
             f"hpcdiff {args.command}: error: out of memory ({e or 'no detail'}); use a smaller --shape, "
@@ -111,6 +102,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         code = EXIT_USAGE
+    except Exception as e:
+        cause = retry_cause(e)
+        if cause is None:
+            code, shared = _report(args.command, e)
+        else:
+            print(
+                f"hpcdiff {args.command}: error: {cause}. This is a passing failure, not bad data: run the same "
+                f"command again (a Slurm requeue or the local supervisor does so, on exit {EXIT_REQUEUE}); finished "
+                "results are kept and it goes on from where it stopped.",
+                file=sys.stderr,
+            )
+            code = EXIT_REQUEUE
     except KeyboardInterrupt:
         code = 130
     if code not in (0, EXIT_REQUEUE) and not shared:
@@ -119,15 +122,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _no_space(command: str, e: OSError) -> int:
-    where = f" writing {e.filename}" if e.filename else ""
-    print(
-        f"hpcdiff {command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
-        "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
-        "the same command again: finished results are kept and it goes on from where it stopped.",
-        file=sys.stderr,
-    )
-    return EXIT_NO_SPACE
+def _report(command: str, e: Exception) -> tuple[int, bool]:
+    """Exit code and "seen by every rank" for an exception that is not worth a retry; re-raise a crash."""
+    if isinstance(e, HpcdiffError):
+        print(f"hpcdiff {command}: error: {e}", file=sys.stderr)
+        return e.exit_code, e.on_every_rank
+    if isinstance(e, OSError) and e.errno in _PATH_HINTS:
+        what = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else "a path"
+        print(f"hpcdiff {command}: error: {what}: {e.strerror}; {_PATH_HINTS[e.errno]}", file=sys.stderr)
+        return EXIT_USAGE, False
+    if isinstance(e, OSError) and e.errno in NO_SPACE_ERRNOS:
+        where = f" writing {e.filename}" if e.filename else ""
+        print(
+            f"hpcdiff {command}: error: {e.strerror}{where}. Free space on that file system (df -h; for a "
+            "training run, a lower train.keep_last), raise the quota or `ulimit -f`, or write elsewhere; then run "
+            "the same command again: finished results are kept and it goes on from where it stopped.",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SPACE, False
+    raise e
 
 
 def run() -> None:

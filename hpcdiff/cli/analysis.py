@@ -127,7 +127,7 @@ def _names(text: str | None) -> list[str]:
 def _run_randomise(args: argparse.Namespace) -> int:
     import os
 
-    from hpcdiff.data.slicing import Worker, task_of
+    from hpcdiff.batch import Worker, task_of
     from hpcdiff.dist import detect_topology
     from hpcdiff.stats import StatsOptions
     from hpcdiff.stats.randomise import RandomiseOptions, run_randomise

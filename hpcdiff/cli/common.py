@@ -23,7 +23,12 @@ def positive(text: str) -> int:
 
 
 def add_task_options(p: argparse.ArgumentParser) -> None:
-    """--task/--num-tasks of a data job spread over a Slurm array (see hpcdiff.data.slicing)."""
+    """--task/--num-tasks of a data job spread over a Slurm array, and --overwrite (see hpcdiff.batch)."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the outputs of another plan of this command in --out (only files it wrote; never others)",
+    )
     p.add_argument("--task", type=int, help="array task index (default: $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN)")
     p.add_argument("--num-tasks", type=positive, help="array tasks (default: $SLURM_ARRAY_TASK_COUNT, else 1)")
 

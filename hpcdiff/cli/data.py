@@ -16,16 +16,30 @@ def add_cohort(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subjects", required=True, type=shape, metavar="N", help="number of subjects")
     p.add_argument("--shape", nargs=3, type=shape, default=[48, 56, 48], metavar=("D", "H", "W"), help="grid")
     p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
+    add_task_options(p)
     p.set_defaults(handler=_run_cohort)
 
 
 def _run_cohort(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.batch import task_of
     from hpcdiff.data.cohort import TRUTH_DIR, make_cohort
     from hpcdiff.dist import detect_topology
 
-    subjects = make_cohort(Path(args.out), args.subjects, tuple(args.shape), args.seed)
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
+    subjects = make_cohort(
+        Path(args.out),
+        args.subjects,
+        tuple(args.shape),
+        args.seed,
+        task=task,
+        num_tasks=num_tasks,
+        overwrite=args.overwrite,
+    )
     if detect_topology().is_main:
-        print(f"cohort: {len(subjects)} subjects in {args.out}; ground truth in {Path(args.out) / TRUTH_DIR}")
+        where = f"ground truth in {Path(args.out) / TRUTH_DIR}"
+        print(f"cohort: task {task} of {num_tasks}: {len(subjects)} subjects planned in {args.out}; {where}")
     return 0
 
 
@@ -64,10 +78,10 @@ def _names(text: str) -> list[str]:
 def _run_ingest(args: argparse.Namespace) -> int:
     import os
 
+    from hpcdiff.batch import task_of
     from hpcdiff.data.ingest import ingest
     from hpcdiff.data.register import RegisterOptions
     from hpcdiff.data.shards import QUARANTINE
-    from hpcdiff.data.slicing import task_of
     from hpcdiff.dist import detect_topology
 
     task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
@@ -90,6 +104,7 @@ def _run_ingest(args: argparse.Namespace) -> int:
         continuous=args.continuous,
         session=args.session,
         run=args.run,
+        overwrite=args.overwrite,
     )
     if not detect_topology().is_main:
         return 0
@@ -99,8 +114,10 @@ def _run_ingest(args: argparse.Namespace) -> int:
             f"ingest: {r.num_subjects} subjects in {r.num_shards} shards in {r.out} ({counts}); "
             f"{len(r.quarantined)} quarantined, listed in {r.out / QUARANTINE}"
         )
+    elif r.finished:
+        print(f"ingest: task {task} of {num_tasks} in {r.out}: {counts}; the job was already finished")
     else:
-        print(f"ingest: task {task} of {num_tasks} in {r.out}: {counts}; other tasks' shards still missing")
+        print(f"ingest: task {task} of {num_tasks} in {r.out}: {counts}; other workers' shards still missing")
     return 0
 
 
@@ -109,7 +126,14 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sample", help="synthetic subjects from a run into shards (resumable, sliced across ranks and tasks)"
     )
-    p.add_argument("--run-dir", required=True, help="training run; the EMA weights of its newest valid checkpoint")
+    p.add_argument("--run-dir", required=True, help="training run whose EMA weights are sampled")
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        metavar="STEP",
+        help="training step to sample from (default: the newest valid checkpoint when the plan is first made; "
+        "the plan keeps its own copy of those weights)",
+    )
     p.add_argument("--out", required=True, help="shard directory to create (a rerun completes it)")
     p.add_argument("--n", type=positive, help="subjects (optional with --covariates: one per row)")
     p.add_argument("--covariates", metavar="FILE.tsv", help="one row per subject, one column per trained covariate")
@@ -119,6 +143,9 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="with the subject index, fixes each subject")
     p.add_argument("--subjects-per-shard", type=positive, default=64, metavar="K", help="subjects per shard")
     p.add_argument("--batch-size", type=positive, default=8, help="subjects sampled together")
+    p.add_argument(
+        "--threads", type=positive, default=1, help="intra-op threads per worker, part of the plan (default 1)"
+    )
     add_task_options(p)
     p.set_defaults(handler=_run_sample)
 
@@ -126,12 +153,11 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
 def _run_sample(args: argparse.Namespace) -> int:
     import os
 
-    from hpcdiff.data.slicing import Worker, task_of
+    from hpcdiff.batch import task_of
     from hpcdiff.dist import detect_topology
-    from hpcdiff.sample import SampleOptions, default_device, sample
+    from hpcdiff.sample import SampleOptions, sample
 
-    topology = detect_topology()
-    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
     opts = SampleOptions(
         n=args.n,
         covariates=Path(args.covariates) if args.covariates else None,
@@ -141,12 +167,19 @@ def _run_sample(args: argparse.Namespace) -> int:
         seed=args.seed,
         subjects_per_shard=args.subjects_per_shard,
         batch_size=args.batch_size,
+        checkpoint=args.checkpoint,
+        threads=args.threads,
     )
-    r = sample(args.run_dir, args.out, opts, worker, default_device(topology.local_rank))
-    done = "manifest written: all shards done" if r.manifest_written else "other workers' shards still missing"
+    r = sample(args.run_dir, args.out, opts, task, num_tasks, overwrite=args.overwrite)
+    if r.manifest_written:
+        done = "manifest written: all shards done"
+    else:
+        done = "already finished" if r.finished else "other workers' shards still missing"
+    rank = detect_topology().rank
     print(
-        f"sample: worker {worker.index} of {worker.count}: {r.shards_written} shard(s) written, "
-        f"{r.shards_skipped} already complete, of {r.num_shards} ({r.num_subjects} subjects) in {r.out}; {done}"
+        f"sample: task {task} of {num_tasks}, rank {rank}: {r.shards_written} shard(s) written, "
+        f"{r.shards_skipped} already complete, of {r.num_shards} ({r.num_subjects} subjects, step {r.step}) "
+        f"in {r.out}; {done}"
     )
     return 0
 
@@ -156,16 +189,47 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="shards -> NIfTI (float32) in a BIDS-derivatives layout (resumable)")
     p.add_argument("shards", help="shard directory (real or synthetic)")
     p.add_argument("--out", required=True, help="derivatives folder to create (a rerun completes it)")
+    add_task_options(p)
     p.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.batch import task_of
     from hpcdiff.data.export import export
     from hpcdiff.dist import detect_topology
 
-    r = export(args.shards, args.out)
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
+    r = export(args.shards, args.out, task=task, num_tasks=num_tasks, overwrite=args.overwrite)
     if detect_topology().is_main:
-        print(f"export: {r.num_images} images in {r.out} ({r.written} written here, {r.skipped} already there)")
+        state = "complete" if r.finished else "other workers' images still missing"
+        print(
+            f"export: {r.num_images} images in {r.out} ({r.written} written here, {r.skipped} already there); {state}"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------- verify
+def add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-read every shard (checksums, every chunk); exit 3 naming each bad file")
+    p.add_argument("shards", help="shard directory with a manifest.json")
+    p.add_argument("--task", type=int, help="array task index (default: from the Slurm array, else 0)")
+    p.add_argument("--num-tasks", type=positive, help="array tasks (default: from the Slurm array, else 1)")
+    p.set_defaults(handler=_run_verify)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.batch import Worker, task_of
+    from hpcdiff.data.verify import verify
+    from hpcdiff.dist import detect_topology
+
+    topology = detect_topology()
+    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
+    r = verify(args.shards, worker)
+    print(f"verify: worker {worker.index} of {worker.count}: {len(r.checked)} of {r.num_shards} shard(s) good")
     return 0
 
 

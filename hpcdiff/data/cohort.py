@@ -17,26 +17,26 @@ female), the masks they come from, and ``truth.json`` describing them.
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import logging
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage, special
 
-from hpcdiff.atomic import atomic_path
+from hpcdiff.atomic import write_text_atomic
+from hpcdiff.batch import Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.errors import UsageError
+from hpcdiff.nifti import write_nifti
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHAPE = (48, 56, 48)
 TRUTH_DIR = Path("derivatives") / "hpcdiff-truth"
-_PARAMS_FILE = ".hpcdiff-cohort.json"
 _AGE_RANGE = (45.0, 80.0)
 SPACE = "MNI152NLin2009aSym"
 """The space of nilearn's MNI152 template (ICBM152 2009a nonlinear symmetric), which every subject is made from."""
@@ -210,39 +210,76 @@ def _smooth_field(rng: np.random.Generator, coarse: tuple[int, ...], shape: tupl
     return np.einsum("fabc,ia,jb,kc->fijk", noise, *bases, optimize=True).astype(np.float32)
 
 
-def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
-    """A .nii.gz as bytes; gzip with mtime 0, so equal images give equal files."""
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    raw = io.BytesIO()
-    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-        gz.write(img.to_bytes())
-    return raw.getvalue()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def _write_json(path: Path, obj: object) -> None:
-    _write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
-def _check_params(out: Path, params: dict) -> None:
-    """A rerun continues only a cohort made with the same parameters."""
-    path = out / _PARAMS_FILE
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if previous != params:
-            raise UsageError(
-                f"{out} holds a cohort made with other parameters ({previous}, now {params}): "
-                "use a new --out directory or the same --subjects/--shape/--seed"
-            )
-    else:
-        _write_json(path, params)
+def _subject_file(subject: Subject) -> str:
+    return f"{subject.participant_id}/anat/{subject.participant_id}_T1w.nii.gz"
+
+
+_TOP_FILES = ("participants.tsv", "participants.json", "dataset_description.json")
+_TRUTH_MAPS = (
+    "age_effect",
+    "group_effect",
+    "sex_effect",
+    "ventricle_mask",
+    "atrophy_weight",
+    "brain_mask",
+    "template",
+)
+
+
+@dataclass
+class _CohortJob:
+    """The cohort as a batch job: output ``i`` is subject ``i``'s image; finishing writes truth and tables."""
+
+    out: Path
+    num_subjects: int
+    shape: tuple[int, int, int]
+    seed: int
+    effects: Effects
+    plan_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        self.num_outputs = self.num_subjects
+        self.plan_sha256 = digest(self.params())
+
+    def params(self) -> dict:
+        return {
+            "command": "cohort",
+            "subjects": self.num_subjects,
+            "shape": list(self.shape),
+            "seed": self.seed,
+            "effects": asdict(self.effects),
+        }
+
+    @property
+    def finish_files(self) -> tuple[str, ...]:
+        truth = [f"{TRUTH_DIR.as_posix()}/{name}.nii.gz" for name in _TRUTH_MAPS]
+        truth += [f"{TRUTH_DIR.as_posix()}/truth.json", f"{TRUTH_DIR.as_posix()}/dataset_description.json"]
+        return (*truth, *_TOP_FILES)
+
+    def marker(self) -> Marker:
+        subjects = [_subject_file(draw_subject(self.seed, i)[0]) for i in range(self.num_subjects)]
+        return Marker("cohort", "bids", self.plan_sha256, (*subjects, *self.finish_files))
+
+    @cached_property
+    def anatomy(self) -> Anatomy:
+        return Anatomy(self.shape, self.effects)
+
+    def files(self, index: int) -> list[str]:
+        return [_subject_file(draw_subject(self.seed, index)[0])]
+
+    def write(self, index: int) -> dict:
+        subject, rng = draw_subject(self.seed, index)
+        write_nifti(self.out / _subject_file(subject), self.anatomy.subject_image(subject, rng), self.anatomy.affine)
+        return {}
+
+    def finish(self, records: list[Record]) -> None:
+        """Ground truth, then participants.tsv and dataset_description.json: their presence means "whole"."""
+        _write_truth(self.out / TRUTH_DIR, self.anatomy, json.loads(json.dumps(self.params())))
+        _write_participants(self.out, [draw_subject(self.seed, i)[0] for i in range(self.num_subjects)])
 
 
 def make_cohort(
@@ -251,18 +288,26 @@ def make_cohort(
     shape: tuple[int, int, int] = DEFAULT_SHAPE,
     seed: int = 0,
     effects: Effects | None = None,
+    *,
+    task: int = 0,
+    num_tasks: int = 1,
+    overwrite: bool = False,
 ) -> list[Subject]:
-    """Write the cohort to ``out`` (BIDS), sliced across the ranks of this process's launcher; resumable.
+    """Write the cohort to ``out`` (BIDS), sliced across array tasks and the ranks of each; resumable.
 
-    Rank r writes subjects r, r+W, ...; a subject file that exists is complete (written atomically) and skipped.
-    Rank 0 writes the ground truth, and ``participants.tsv`` plus ``dataset_description.json`` once every rank is
-    done, so their presence means the dataset is whole.
+    A job on the sliced-job core (hpcdiff.batch): worker ``task * W + rank`` writes subjects ``worker, worker + T*W,
+    ...``, each file written atomically and recorded; a rerun skips recorded subjects. Whoever finds every subject
+    recorded writes the ground truth, ``participants.tsv`` and ``dataset_description.json``, so their presence
+    means the dataset is whole.
 
     Args:
         out: the BIDS root to create.
         num_subjects: subjects sub-0001 ... sub-N.
         shape: voxel grid (D, H, W) spanning the MNI152 field of view.
         seed: with the subject index, fixes everything about a subject.
+        task: this process's array task, 0..num_tasks-1.
+        num_tasks: array tasks sharing the cohort.
+        overwrite: replace a cohort made with other parameters in ``out`` (only the files it wrote).
     """
     from hpcdiff import dist
 
@@ -270,34 +315,26 @@ def make_cohort(
         raise UsageError(f"--subjects must be positive, got {num_subjects}")
     if min(shape) < 8:
         raise UsageError(f"--shape {shape} is too small to hold a brain: use at least 8 voxels per axis")
+    Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
     effects = effects or Effects()
     out = Path(out)
     ctx = dist.init(device="cpu")
     try:
-        params = {"subjects": num_subjects, "shape": list(shape), "seed": seed, "effects": asdict(effects)}
-        params = json.loads(json.dumps(params))  # tuples become lists, as in the file it is compared with
+        worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
 
-        def check_on_main() -> None:
-            out.mkdir(parents=True, exist_ok=True)
-            _check_params(out, params)
+        def make() -> _CohortJob:
+            return _CohortJob(out, num_subjects, (int(shape[0]), int(shape[1]), int(shape[2])), seed, effects)
 
-        ctx.run_on_main(check_on_main)
-        anatomy = Anatomy(tuple(shape), effects)
-        if ctx.is_main:
-            _write_truth(out / TRUTH_DIR, anatomy, params)
-        mine = range(ctx.rank, num_subjects, ctx.world_size)
-        for done, index in enumerate(mine, 1):
-            subject, rng = draw_subject(seed, index)
-            path = out / subject.participant_id / "anat" / f"{subject.participant_id}_T1w.nii.gz"
-            if not path.is_file():
-                _write_bytes(path, _nifti_bytes(anatomy.subject_image(subject, rng), anatomy.affine))
-            if ctx.is_main and (done % 10 == 0 or done == len(mine)):
-                log.info("cohort: rank 0 wrote %d/%d of its subjects", done, len(mine))
-        ctx.barrier()
-        subjects = [draw_subject(seed, i)[0] for i in range(num_subjects)]
-        if ctx.is_main:
-            _write_participants(out, subjects)
-        return subjects
+        job = plan_once(ctx, make, _CohortJob.marker, out, overwrite)
+        outcome = run(job, worker)
+        log.info(
+            "cohort: worker %d wrote %d subject(s), %d already there%s",
+            worker.index,
+            outcome.written,
+            outcome.skipped,
+            "; dataset complete" if outcome.finished else "",
+        )
+        return [draw_subject(seed, i)[0] for i in range(num_subjects)]
     finally:
         ctx.close()
 
@@ -308,7 +345,7 @@ def _write_participants(out: Path, subjects: list[Subject]) -> None:
     writer.writerow(["participant_id", "age", "sex", "group"])
     for s in subjects:
         writer.writerow([s.participant_id, f"{s.age:.1f}", s.sex, s.group])
-    _write_bytes(out / "participants.tsv", text.getvalue().encode())
+    write_text_atomic(out / "participants.tsv", text.getvalue())
     _write_json(
         out / "participants.json",
         {
@@ -333,10 +370,9 @@ def _write_participants(out: Path, subjects: list[Subject]) -> None:
 
 def _write_truth(root: Path, anatomy: Anatomy, params: dict) -> None:
     maps = anatomy.truth_maps()
+    assert tuple(maps) == _TRUTH_MAPS, "the marker lists the truth maps: keep _TRUTH_MAPS in step"
     for name, data in maps.items():
-        path = root / f"{name}.nii.gz"
-        if not path.is_file():
-            _write_bytes(path, _nifti_bytes(data.astype(np.float32), anatomy.affine))
+        write_nifti(root / f"{name}.nii.gz", data, anatomy.affine, np.float32)
     e = anatomy.effects
     _write_json(
         root / "truth.json",

@@ -8,9 +8,7 @@ Layout (any shards, real or synthetic)::
     OUT/sub-<label>/[ses-<label>/]anat/sub-<label>[_ses-<label>]_space-hpcdiff_T1w.json     source and shard
 
 ``<label>`` is the subject id without a leading ``sub-`` and with characters other than letters and digits removed
-(``synth-000123`` -> ``sub-synth000123``). Images carry the grid's affine as both qform and sform. Every file is
-written atomically, so a rerun skips the images already there; the two top-level files are written last, by
-rank 0 once every rank is done, so their presence means the export is whole.
+(``synth-000123`` -> ``sub-synth000123``). Images carry the grid's affine as both qform and sform (hpcdiff.nifti).
 """
 
 from __future__ import annotations
@@ -23,13 +21,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from hpcdiff import __version__
-from hpcdiff.atomic import atomic_path, write_text_atomic
+from hpcdiff.atomic import write_text_atomic
+from hpcdiff.batch import Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import DataError
+from hpcdiff.nifti import write_nifti
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,7 @@ class ExportResult:
     num_images: int
     written: int
     skipped: int
+    finished: bool
 
 
 def bids_label(text: str, prefix: str) -> str:
@@ -67,62 +67,94 @@ def image_path(subject: str, session: str) -> Path:
     return folder / "anat" / f"{'_'.join(parts)}_space-{SPACE}_T1w.nii.gz"
 
 
-def nifti(volume: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    """A float32 NIfTI-1 image whose qform and sform are both ``affine`` (scanner space, mm)."""
-    img = nib.Nifti1Image(np.asarray(volume, dtype=np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    return img
+@dataclass
+class _ExportJob:
+    """Export as a batch job: output ``i`` is subject ``i``'s image and sidecar; finishing writes the two tables."""
+
+    shards: Path
+    out: Path
+    table: dict[str, list]
+    covariates: list[str]
+    shard_files: list[str]  # which shard holds each subject
+    manifest: dict
+    plan_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        self.num_outputs = len(self.table["id"])
+        self.paths = [image_path(i, ses).as_posix() for i, ses in zip(self.table["id"], self.table["session"])]
+        seen: dict[str, int] = {}
+        for index, rel in enumerate(self.paths):
+            if rel in seen:
+                raise DataError(
+                    f"{self.shards / 'manifest.json'}: subjects {seen[rel]} and {index} both map to {rel} "
+                    f"(ids {self.table['id'][seen[rel]]!r}, {self.table['id'][index]!r}); give them distinct ids"
+                )
+            seen[rel] = index
+        self.plan_sha256 = digest(
+            {"command": "export", "shards": str(self.shards), "manifest": self.manifest, "space": SPACE}
+        )
+
+    finish_files = ("participants.tsv", "dataset_description.json")
+
+    def marker(self) -> Marker:
+        files = [f for p in self.paths for f in (p, _sidecar(p))]
+        return Marker("export", "nifti", self.plan_sha256, (*files, *self.finish_files))
+
+    def files(self, index: int) -> list[str]:
+        return [self.paths[index], _sidecar(self.paths[index])]
+
+    def write(self, index: int) -> dict:
+        if not hasattr(self, "_set"):
+            self._set = ShardSet.open(self.shards)
+        write_nifti(self.out / self.paths[index], self._set.read(index)[0], self._set.affine, np.float32)
+        sidecar = {
+            "SpatialReference": "hpcdiff shards grid (see the affine)",
+            "Sources": [str(self.table["source_path"][index])],
+            "SourceSha256": str(self.table["source_sha256"][index]),
+            "Shard": self.shard_files[index],
+        }
+        write_text_atomic(self.out / _sidecar(self.paths[index]), json.dumps(sidecar) + "\n")
+        return {}
+
+    def finish(self, records: list[Record]) -> None:
+        _write_participants(self.out, self.table, self.covariates)
+        _write_description(self.out, self.shards, self.manifest)
 
 
-def _write_image(path: Path, volume: np.ndarray, affine: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        nib.save(nifti(volume, affine), tmp.with_suffix(".nii.gz"))
-        tmp.with_suffix(".nii.gz").replace(tmp)  # nibabel picks the format from the name
+def _sidecar(image: str) -> str:
+    return image.replace(".nii.gz", ".json")
 
 
-def export(shards: str | Path, out: str | Path) -> ExportResult:
-    """Write every subject of ``shards`` as NIfTI under ``out``; sliced across this launcher's ranks, resumable."""
+def _plan(shards: Path, out: Path) -> _ExportJob:
+    with ShardSet.open(shards) as s:
+        if s.num_subjects == 0:
+            raise DataError(f"{shards} holds no subjects (see its quarantine.tsv, if any): nothing to export")
+        full = s.subjects()
+        table = {name: full[name].tolist() for name in ("id", "session", "source_path", "source_sha256")}
+        table |= {name: full[name].tolist() for name in s.covariates}
+        holder = [s.locate(i)[0].name for i in range(s.num_subjects)]
+        return _ExportJob(shards, out, table, list(s.covariates), holder, s.manifest)
+
+
+def export(
+    shards: str | Path, out: str | Path, *, task: int = 0, num_tasks: int = 1, overwrite: bool = False
+) -> ExportResult:
+    """Write every subject of ``shards`` as NIfTI under ``out``; sliced across array tasks and ranks, resumable.
+
+    A job on the sliced-job core (hpcdiff.batch): each image and its sidecar are written atomically and recorded;
+    whoever finds every subject recorded writes participants.tsv and dataset_description.json, so their presence
+    means the export is whole.
+    """
     from hpcdiff import dist
 
-    out = Path(out)
+    shards, out = Path(shards).resolve(), Path(out)
+    Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
     ctx = dist.init(device="cpu")
     try:
-        with ShardSet.open(shards) as s:
-            if s.num_subjects == 0:
-                raise DataError(f"{shards} holds no subjects (see its quarantine.tsv, if any): nothing to export")
-            table = s.subjects()
-            ids, sessions = table["id"], table["session"]
-            paths = [image_path(i, ses) for i, ses in zip(ids, sessions)]
-            seen: dict[Path, int] = {}
-            for index, rel in enumerate(paths):
-                if rel in seen:
-                    raise DataError(
-                        f"{Path(shards) / 'manifest.json'}: subjects {seen[rel]} and {index} both map to {rel} "
-                        f"(ids {ids[seen[rel]]!r}, {ids[index]!r}); give them distinct ids"
-                    )
-                seen[rel] = index
-            written = skipped = 0
-            for index in range(ctx.rank, s.num_subjects, ctx.world_size):
-                path = out / paths[index]
-                if path.is_file():
-                    skipped += 1
-                    continue
-                _write_image(path, s.read(index)[0], s.affine)
-                sidecar = {
-                    "SpatialReference": "hpcdiff shards grid (see the affine)",
-                    "Sources": [str(table["source_path"][index])],
-                    "SourceSha256": str(table["source_sha256"][index]),
-                    "Shard": str(s.locate(index)[0].name),
-                }
-                write_text_atomic(path.with_name(path.name.replace(".nii.gz", ".json")), json.dumps(sidecar) + "\n")
-                written += 1
-            ctx.barrier()
-            if ctx.is_main:
-                _write_participants(out, table, list(s.covariates))
-                _write_description(out, Path(shards), s.manifest)
-            return ExportResult(out, s.num_subjects, written, skipped)
+        worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
+        job = plan_once(ctx, lambda: _plan(shards, out), _ExportJob.marker, out, overwrite)
+        outcome = run(job, worker)
+        return ExportResult(out, job.num_outputs, outcome.written, outcome.skipped, outcome.finished)
     finally:
         ctx.close()
 

@@ -2,14 +2,12 @@
 
 The plan is decided before any volume is read: every T1w image with its participants.tsv row, minus those that
 cannot be placed (no row, a duplicate id), sorted, cut into shards of K subjects. It is a function of the inputs
-alone, so every array task computes the same plan (on its rank 0, broadcast to its ranks). Worker
-``task * W + rank`` of ``T * W`` writes shards ``worker, worker + T*W, ...`` (hpcdiff.data.slicing); a shard's
-content depends only on its planned inputs, so the result is byte-identical at any number of ranks and tasks. A
-shard already complete, verified and made from the same plan is skipped, so a rerun after a kill finishes the job.
-Inputs that fail to load (truncated, NaN/Inf, not 3D, empty) are recorded in the shard itself, so quarantine.tsv
-comes out the same on a rerun that skips that shard. quarantine.tsv and manifest.json are written (atomically) by
-whichever task finds every shard done after finishing its own; their content is a function of the plan and the
-shards, so two tasks racing to write them write the same bytes.
+alone, so every array task computes the same plan (on its rank 0, broadcast to its ranks) with the same digest.
+The job runs on the sliced-job core (hpcdiff.batch): worker ``task * W + rank`` of ``T * W`` writes shards
+``worker, worker + T*W, ...``; a shard's content depends only on its planned inputs, so the result is
+byte-identical at any number of ranks and tasks. Each shard is recorded as it is written (checksum, subject rows,
+inputs that failed to load), so a rerun skips it and the worker that finds every record in writes quarantine.tsv,
+subjects.json and manifest.json from the records, without reading a shard.
 
 Conforming: reorient to RAS (nibabel's closest canonical), resample with trilinear interpolation onto an isotropic
 grid of ``spacing`` mm and ``shape`` voxels centred on the centre of the input's field of view. Normalising: the
@@ -18,14 +16,12 @@ grid of ``spacing`` mm and ``shape`` voxels centred on the centre of the input's
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import nibabel as nib
@@ -34,24 +30,13 @@ from nibabel.processing import resample_from_to
 
 from hpcdiff import __version__
 from hpcdiff.atomic import file_sha256, write_text_atomic
+from hpcdiff.batch import Marker, Record, Worker, digest, plan_once
+from hpcdiff.batch import run as run_job
 from hpcdiff.data.covariate_kinds import column_kinds
 from hpcdiff.data.covariates import TsvTable, is_missing, read_bids_tsv, schema_of
 from hpcdiff.data.register import Placement, RegisterOptions, RegistrationFailed, Space, decide, record_columns
 from hpcdiff.data.selection import select_images
-from hpcdiff.data.shards import (
-    MANIFEST,
-    QUARANTINE,
-    ShardInfo,
-    looks_done,
-    read_shard_tables,
-    remove_stale_tmp,
-    shard_attrs,
-    shard_name,
-    verified_shard,
-    write_manifest,
-    write_shard,
-)
-from hpcdiff.data.slicing import Worker
+from hpcdiff.data.shards import MANIFEST, QUARANTINE, SUBJECTS_TABLE, ShardInfo, shard_name, write_manifest, write_shard
 from hpcdiff.errors import DataError, UsageError
 from hpcdiff.memory import require_memory
 
@@ -98,8 +83,9 @@ class IngestResult:
     num_shards: int
     shards_written: int
     shards_skipped: int
-    quarantined: list[tuple[str, str, str]]  # all inputs when the manifest was written, else this task's
-    manifest_written: bool = True
+    quarantined: list[tuple[str, str, str]]  # all inputs when the manifest was written here, else this worker's
+    manifest_written: bool = True  # by this worker
+    finished: bool = True  # by this worker or another
 
 
 def default_spacing(shape: Sequence[int]) -> float:
@@ -266,69 +252,138 @@ def _own_grid(canonical: nib.Nifti1Image, lo: float, hi: float, shape: Sequence[
     return np.clip((resampled - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
-# ---------------------------------------------------------------- shards
-def _plan_digest(cands: list[Candidate], shape: Sequence[int], spacing: float, space: Space | None = None) -> str:
-    parts = [[c.__dict__ for c in cands], list(shape), spacing, NORMALISATION, RESAMPLING]
-    text = json.dumps(parts if space is None else [*parts, space.digest])
-    return hashlib.sha256(text.encode()).hexdigest()
+# ---------------------------------------------------------------- the job (on the sliced-job core)
+@dataclass
+class _IngestJob:
+    """Ingest as a batch job: output ``i`` is shard ``i``; finishing writes quarantine.tsv and the manifest."""
 
+    bids_root: Path
+    out: Path
+    plan: Plan
+    shape: tuple[int, int, int]
+    spacing: float
+    subjects_per_shard: int
+    strict: bool
+    plan_sha256: str = ""
 
-def _write_one(
-    root: Path,
-    out: Path,
-    index: int,
-    cands: list[Candidate],
-    plan: Plan,
-    shape: Sequence[int],
-    spacing: float,
-    placement: Placement | None = None,
-) -> tuple[ShardInfo, list[tuple[str, str, str]], bool]:
-    """Write (or keep) shard ``index``; returns its info, its quarantined inputs, and whether it was skipped."""
-    path = out / shard_name(index)
-    digest = _plan_digest(cands, shape, spacing, placement and placement.space)
-    remove_stale_tmp(path)
-    done = _done_shard(path, digest)
-    if done is not None:
-        return (*done, True)
-    images, kept, records, quarantine = [], [], [], []
-    for c in cands:
-        try:
-            if placement is None:
-                images.append(conform(root / c.source_path, shape, spacing))
-            else:
-                img, lo, hi = load_checked(root / c.source_path)
-                volume, record = placement.place(
-                    img, lo, hi, c.source_path, _PERCENTILES, partial(_own_grid, img, lo, hi, shape, spacing)
-                )
-                log.info("ingest: %s: %s (%s)", c.source_path, record.method, record.why)
-                images.append(volume)
-                records.append(record)
-            kept.append(c)
-        except (Rejected, RegistrationFailed) as e:
-            quarantine.append((c.source_path, c.subject, str(e)))
-    table: dict[str, list] = {
-        "id": [c.subject for c in kept],
-        "session": [c.session for c in kept],
-        "source_path": [c.source_path for c in kept],
-        "source_sha256": [file_sha256(root / c.source_path) for c in kept],
-    }
-    if placement is not None:
-        table.update(record_columns(records))
-    for name in plan.kinds:
-        table[name] = [plan.covariates[c.subject][name] for c in kept]
-    stack = np.stack(images)[:, None] if images else np.zeros((0, 1, *shape), dtype=np.float32)
-    attrs = {"plan_sha256": digest, "quarantine": json.dumps(quarantine)}
-    return write_shard(path, stack, table, attrs=attrs), quarantine, False
+    def __post_init__(self) -> None:
+        self.num_outputs = len(self.plan.shards)
+        space = self.space()
+        self.plan_sha256 = digest(
+            {
+                "command": "ingest",
+                "bids_root": str(self.bids_root),
+                "shards": [[c.__dict__ for c in cands] for cands in self.plan.shards],
+                "quarantine": self.plan.quarantine,
+                "covariates": self.plan.covariates,
+                "kinds": self.plan.kinds,
+                "shape": list(self.shape),
+                "spacing": self.spacing,
+                "subjects_per_shard": self.subjects_per_shard,
+                "normalisation": NORMALISATION,
+                "resampling": RESAMPLING,
+                **({} if space is None else {"registration": space.digest}),
+            }
+        )
 
+    def space(self) -> Space | None:
+        """The template space inputs are registered to; None when they are only conformed."""
+        return None if self.plan.register is None else Space(self.plan.register, self.shape, self.spacing)
 
-def _done_shard(path: Path, digest: str) -> tuple[ShardInfo, list[tuple[str, str, str]]] | None:
-    """The info and quarantined inputs of a shard complete, verified and made from this plan; else None."""
-    if not looks_done(path, digest):
-        return None
-    info = verified_shard(path)
-    if info is None:
-        return None
-    return info, [tuple(q) for q in json.loads(shard_attrs(path)["quarantine"])]  # type: ignore[misc]
+    @cached_property
+    def placement(self) -> Placement | None:
+        # Built where shards are written (after the plan is broadcast): the template is loaded once per process.
+        space = self.space()
+        return None if space is None else Placement(space, self.bids_root)
+
+    finish_files = (QUARANTINE, SUBJECTS_TABLE, MANIFEST)
+
+    def marker(self) -> Marker:
+        names = [shard_name(i) for i in range(self.num_outputs)]
+        return Marker("ingest", "shards", self.plan_sha256, (*names, *self.finish_files))
+
+    def files(self, index: int) -> list[str]:
+        return [shard_name(index)]
+
+    def write(self, index: int) -> dict[str, object]:
+        cands = self.plan.shards[index]
+        images, kept, records, quarantine = [], [], [], []
+        for c in cands:
+            try:
+                if self.placement is None:
+                    images.append(conform(self.bids_root / c.source_path, self.shape, self.spacing))
+                else:
+                    img, lo, hi = load_checked(self.bids_root / c.source_path)
+                    own = partial(_own_grid, img, lo, hi, self.shape, self.spacing)
+                    volume, record = self.placement.place(img, lo, hi, c.source_path, _PERCENTILES, own)
+                    log.info("ingest: %s: %s (%s)", c.source_path, record.method, record.why)
+                    images.append(volume)
+                    records.append(record)
+                kept.append(c)
+            except (Rejected, RegistrationFailed) as e:
+                quarantine.append((c.source_path, c.subject, str(e)))
+        table: dict[str, list] = {
+            "id": [c.subject for c in kept],
+            "session": [c.session for c in kept],
+            "source_path": [c.source_path for c in kept],
+            "source_sha256": [file_sha256(self.bids_root / c.source_path) for c in kept],
+        }
+        if self.placement is not None:
+            table.update(record_columns(records))
+        for name in self.plan.kinds:
+            table[name] = [self.plan.covariates[c.subject][name] for c in kept]
+        shape = self.shape
+        stack = np.stack(images)[:, None] if images else np.zeros((0, 1, *shape), dtype=np.float32)
+        info = write_shard(self.out / shard_name(index), stack, table, attrs={"plan_sha256": self.plan_sha256})
+        # The grid is placed by the first ingested volume's field of view: recorded here so that the finisher
+        # reads no input either.
+        centre = fov_centre(nib.load(self.bids_root / kept[0].source_path)).tolist() if kept else None
+        return {"info": info.to_json(), "quarantine": quarantine, "subjects": table, "centre": centre}
+
+    def finish(self, records: list[Record]) -> tuple[list[ShardInfo], list[tuple[str, str, str]]]:
+        """quarantine.tsv, then (unless --strict refuses) subjects.json and the manifest, from the records alone."""
+        infos = [ShardInfo(**r.data["info"]) for r in records]
+        quarantine = sorted([*self.plan.quarantine, *(tuple(q) for r in records for q in r.data["quarantine"])])
+        _write_quarantine(self.out, quarantine)  # type: ignore[arg-type]
+        if self.strict and quarantine:
+            raise DataError(_strict_message(self.bids_root, quarantine))  # type: ignore[arg-type]
+        table: dict[str, list] = {}
+        for shard, r in enumerate(records):
+            rows = r.data["subjects"]
+            for name, values in rows.items():
+                table.setdefault(name, []).extend(values)
+            count = len(rows["id"])
+            table.setdefault("shard", []).extend([shard] * count)
+            table.setdefault("row", []).extend(range(count))
+        if not table.get("id"):
+            raise DataError(
+                f"no subject of {self.bids_root} could be ingested: all {len(quarantine)} input(s) were refused, "
+                f"with the reasons in {self.out / QUARANTINE}; fix them and run again"
+            )
+        space = self.space()
+        # Without registration volumes are centred on their own field of view; the grid is placed where the first
+        # one's centre is (exact when inputs share a field of view, as one protocol or one template space does).
+        centre = np.asarray(next(r.data["centre"] for r in records if r.data["centre"] is not None))
+        write_manifest(
+            self.out,
+            shape=self.shape,
+            spacing=(self.spacing,) * 3,
+            affine=target_affine(self.spacing, self.shape, centre) if space is None else space.grid,
+            covariates=covariate_schema(self.plan, table.get("id", [])),
+            shards=infos,
+            subjects=table,
+            provenance={
+                "tool": "hpcdiff ingest",
+                "version": __version__,
+                "bids_root": str(self.bids_root),
+                "subjects_per_shard": self.subjects_per_shard,
+                "resampling": RESAMPLING,
+                "normalisation": NORMALISATION,
+                **({} if space is None else {"registration": space.provenance()}),
+            },
+        )
+        log.info("ingest: all %d shards done; wrote %s", len(infos), self.out / MANIFEST)
+        return infos, quarantine  # type: ignore[return-value]
 
 
 def covariate_schema(plan: Plan, subjects: Sequence[str]) -> dict[str, dict]:
@@ -341,15 +396,6 @@ def _write_quarantine(out: Path, rows: list[tuple[str, str, str]]) -> None:
     lines = ["source_path\tsubject\treason"]
     lines += ["\t".join(field.replace("\t", " ").replace("\n", " ") for field in row) for row in sorted(rows)]
     write_text_atomic(out / QUARANTINE, "\n".join(lines) + "\n")
-
-
-def _remove_unplanned(out: Path, num_shards: int) -> None:
-    """Shards beyond the plan (left by an ingest with other inputs or settings) would pass for part of it."""
-    for shard in out.glob("shard-*.h5"):
-        m = re.fullmatch(r"shard-(\d+)\.h5", shard.name)
-        if m and int(m.group(1)) >= num_shards:
-            log.warning("ingest: removing %s, which is not part of this plan", shard)
-            shard.unlink(missing_ok=True)  # another task may remove it first
 
 
 def ingest(
@@ -367,6 +413,7 @@ def ingest(
     continuous: Sequence[str] = (),
     session: str = "all",
     run: str = "last",
+    overwrite: bool = False,
 ) -> IngestResult:
     """Conform a BIDS dataset's T1w images into shards in ``out``; sliced across array tasks and ranks.
 
@@ -383,6 +430,7 @@ def ingest(
             the template's space.
         categorical, continuous: covariate kinds where participants.json does not declare them.
         session: "all", "first" or a session label; run: "first", "last" or "all" (hpcdiff.data.selection).
+        overwrite: replace the files of another ingest plan in ``out`` (only those its marker lists).
     """
     from hpcdiff import dist
 
@@ -399,13 +447,13 @@ def ingest(
     Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
     if not bids_root.is_dir():
         raise DataError(f"{bids_root} is not a directory: give the root of a BIDS dataset")
-    spacing = float(spacing) if spacing is not None else default_spacing(shape)
+    grid = (int(shape[0]), int(shape[1]), int(shape[2]))
+    spacing = float(spacing) if spacing is not None else default_spacing(grid)
     ctx = dist.init(device="cpu")
     try:
         worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
 
-        def plan_on_main() -> Plan:
-            out.mkdir(parents=True, exist_ok=True)
+        def make() -> _IngestJob:
             plan = make_plan(
                 bids_root, subjects_per_shard, categorical=categorical, continuous=continuous, session=session, run=run
             )
@@ -413,7 +461,8 @@ def ingest(
                 register or RegisterOptions(), bids_root, [c.source_path for s in plan.shards for c in s]
             )
             log.info("ingest: %s", why)
-            _remove_unplanned(out, len(plan.shards))
+            if strict and plan.quarantine:
+                raise DataError(_strict_message(bids_root, plan.quarantine))
             log.info(
                 "ingest: %d images in %d shards of up to %d, %d quarantined before reading; task %d of %d, %d rank(s)",
                 sum(map(len, plan.shards)),
@@ -424,115 +473,30 @@ def ingest(
                 num_tasks,
                 ctx.world_size,
             )
-            return plan
+            return _IngestJob(bids_root, out, plan, grid, spacing, subjects_per_shard, strict)
 
-        plan = ctx.run_on_main(plan_on_main)
-        if strict and plan.quarantine:
-            (out / MANIFEST).unlink(missing_ok=True)
-            raise DataError(_strict_message(bids_root, plan.quarantine))
-        placement = None if plan.register is None else Placement(Space(plan.register, shape, spacing), bids_root)
-        space = placement and placement.space
-        digests = [_plan_digest(cands, shape, spacing, space) for cands in plan.shards]
-        mine = worker.shards(len(plan.shards))
-        if not all(looks_done(out / shard_name(i), digests[i]) for i in mine):
-            (out / MANIFEST).unlink(missing_ok=True)  # until every shard is done again, the directory is partial
-        results = {}
-        for done, index in enumerate(mine, 1):
-            results[index] = _write_one(bids_root, out, index, plan.shards[index], plan, shape, spacing, placement)
-            if ctx.is_main:
-                log.info("ingest: rank 0 finished %d/%d of its shards", done, len(mine))
-        ours = {i: r for part in ctx.all_gather_object(results) for i, r in part.items()}
-        finished = None
-        if ctx.is_main:
-            known = {i: (info, qs) for i, (info, qs, _) in ours.items()}
-            finished = _finish(
-                bids_root, out, plan, digests, known, shape, spacing, subjects_per_shard, strict, space=space
-            )
-        finished = ctx.broadcast_object(finished)
-        skipped = sum(1 for *_, s in ours.values() if s)
-        if finished is None:  # other tasks' shards still missing
-            infos = [info for info, _, _ in ours.values()]
-            quarantine = sorted(q for _, qs, _ in ours.values() for q in qs)
+        job = plan_once(ctx, make, _IngestJob.marker, out, overwrite)
+        outcome = run_job(job, worker)
+        if outcome.finished_here:
+            infos, quarantine = outcome.summary
+            num_subjects = sum(i.num_subjects for i in infos)
         else:
-            infos, quarantine = finished
-        if strict and quarantine:
-            raise DataError(_strict_message(bids_root, quarantine))
-        ctx.barrier()
+            quarantine = sorted(tuple(q) for r in outcome.mine.values() for q in r.data["quarantine"])
+            num_subjects = sum(r.data["info"]["num_subjects"] for r in outcome.mine.values())
+            if strict and quarantine:
+                raise DataError(_strict_message(bids_root, quarantine))
         return IngestResult(
             out,
-            sum(i.num_subjects for i in infos),
-            len(plan.shards),
-            len(ours) - skipped,
-            skipped,
+            num_subjects,
+            job.num_outputs,
+            outcome.written,
+            outcome.skipped,
             quarantine,
-            manifest_written=finished is not None,
+            manifest_written=outcome.finished_here,
+            finished=outcome.finished,
         )
     finally:
         ctx.close()
-
-
-def _finish(
-    bids_root: Path,
-    out: Path,
-    plan: Plan,
-    digests: list[str],
-    known: dict[int, tuple[ShardInfo, list[tuple[str, str, str]]]],
-    shape: Sequence[int],
-    spacing: float,
-    subjects_per_shard: int,
-    strict: bool,
-    space: Space | None = None,
-) -> tuple[list[ShardInfo], list[tuple[str, str, str]]] | None:
-    """If every shard is done, write quarantine.tsv and (unless strict refuses) the manifest; None otherwise.
-
-    ``known`` holds the shards this task has just written or verified; the others' are verified here.
-    """
-    paths = [out / shard_name(i) for i in range(len(plan.shards))]
-    if not all(looks_done(p, d) for p, d in zip(paths, digests)):
-        return None
-    infos: list[ShardInfo] = []
-    quarantine = list(plan.quarantine)
-    for index, path in enumerate(paths):
-        done = known.get(index) or _done_shard(path, digests[index])
-        if done is None:
-            return None
-        infos.append(done[0])
-        quarantine += done[1]
-    quarantine.sort()
-    _write_quarantine(out, quarantine)
-    if strict and quarantine:
-        (out / MANIFEST).unlink(missing_ok=True)  # one from an earlier run without --strict
-        return infos, quarantine
-    rejected = {q[0] for q in quarantine}
-    ingested = [c for shard in plan.shards for c in shard if c.source_path not in rejected]
-    if not ingested:
-        raise DataError(
-            f"no subject of {bids_root} could be ingested: all {len(quarantine)} input(s) were refused, with the "
-            f"reasons in {out / QUARANTINE}; fix them and run again"
-        )
-    # Volumes are centred on their own field of view; the grid is placed where the first one's centre is
-    # (exact when inputs share a field of view, as one protocol or one template space does).
-    centre = fov_centre(nib.load(bids_root / ingested[0].source_path))
-    write_manifest(
-        out,
-        shape=shape,
-        spacing=(spacing,) * 3,
-        affine=target_affine(spacing, shape, centre) if space is None else space.grid,
-        covariates=covariate_schema(plan, [c.subject for c in ingested]),
-        shards=infos,
-        subjects=read_shard_tables(paths),
-        provenance={
-            "tool": "hpcdiff ingest",
-            "version": __version__,
-            "bids_root": str(bids_root),
-            "subjects_per_shard": subjects_per_shard,
-            "resampling": RESAMPLING,
-            "normalisation": NORMALISATION,
-            **({} if space is None else {"registration": space.provenance()}),
-        },
-    )
-    log.info("ingest: all %d shards done; wrote %s", len(paths), out / MANIFEST)
-    return infos, quarantine
 
 
 def _strict_message(root: Path, quarantine: list[tuple[str, str, str]]) -> str:

@@ -168,39 +168,6 @@ def verified_shard(path: Path, expected: int | None = None) -> ShardInfo | None:
     return ShardInfo(path.name, k, file_sha256(path))
 
 
-def looks_done(path: Path, plan_sha256: str) -> bool:
-    """Cheap check (attributes only) that a shard is complete and was made from the plan with this digest."""
-    try:
-        with h5py.File(path, "r") as f:
-            return bool(f.attrs.get("complete", False)) and f.attrs.get("plan_sha256") == plan_sha256
-    except OSError:
-        return False
-
-
-def remove_stale_tmp(path: Path) -> None:
-    """Temporary files a killed writer of shard ``path`` left behind (call it only from that shard's writer)."""
-    for tmp in Path(path).parent.glob(f".{Path(path).name}.*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
-def shard_attrs(path: Path) -> dict[str, Any]:
-    """The file attributes of a shard (e.g. what its writer stored to decide whether to skip it)."""
-    with h5py.File(path, "r") as f:
-        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-
-
-def read_shard_tables(paths: Sequence[Path]) -> dict[str, list[Any]]:
-    """The subjects tables stored in shard files, concatenated in order: for a writer of the manifest that did not
-    keep them (it opens every shard once; readers then never need to)."""
-    columns: dict[str, list[Any]] = {}
-    for path in paths:
-        with h5py.File(path, "r", locking=False) as f:
-            for name, dset in f[SUBJECTS].items():
-                values = dset.asstr()[()] if h5py.check_string_dtype(dset.dtype) else dset[()]
-                columns.setdefault(name, []).extend(values.tolist())
-    return columns
-
-
 def write_manifest(
     root: Path,
     *,

@@ -25,23 +25,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from hpcdiff.errors import (
-    EXIT_BAD_DATA,
-    EXIT_NO_SPACE,
-    EXIT_REQUEUE,
-    EXIT_USAGE,
-    HpcdiffError,
-    RunLockedError,
-    UsageError,
-)
+from hpcdiff.errors import EXIT_REQUEUE, NO_RETRY_EXITS, HpcdiffError, RunLockedError, UsageError
 from hpcdiff.runstate import RunDir
 
 log = logging.getLogger("hpcdiff.supervisor")
 
 # Open MPI refuses to run as root, or more ranks than cores, unless told; both are normal on a workstation.
-_MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-# A bad config, bad data or a full disk fails the same way every time: rerunning only burns the restarts.
-_NO_RETRY = frozenset({EXIT_USAGE, EXIT_BAD_DATA, EXIT_NO_SPACE})
+MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
 def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[str]) -> list[str]:
@@ -49,14 +39,26 @@ def train_command(config: Path, run_dir: Path, ranks: int, overrides: Sequence[s
     train = [sys.executable, "-m", "hpcdiff", "train", str(config), "--run-dir", str(run_dir), "--quiet"]
     for item in overrides:
         train += ["--set", item]
+    return mpirun_command(ranks, train)
+
+
+def mpirun_command(ranks: int, argv: Sequence[str]) -> list[str]:
+    """``argv`` under ``mpirun -n ranks``; the one place hpcdiff builds an mpirun command line.
+
+    Oversubscribed and unbound: a workstation's normal case (more ranks than cores would otherwise be refused, and
+    Open MPI binds each of up to two ranks to one core). Without mpirun, one rank runs ``argv`` as it is.
+
+    Raises:
+        UsageError: more than one rank and no mpirun on PATH.
+    """
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         if ranks > 1:
             raise UsageError(
                 "mpirun not found: install Open MPI (apt-get install openmpi-bin) or `module load openmpi`"
             )
-        return train
-    return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *train]
+        return list(argv)
+    return [mpirun, "-n", str(ranks), "--oversubscribe", "--bind-to", "none", *argv]
 
 
 def _supervisor_lock(run: RunDir) -> int:
@@ -147,7 +149,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
     run = RunDir(run_dir)
     run.create()
     _supervisor_lock(run)  # held until this process ends
-    env = {**os.environ, **(_MPI_ROOT_ENV if os.geteuid() == 0 else {})}
+    env = {**os.environ, **(MPI_ROOT_ENV if os.geteuid() == 0 else {})}
     cmd = train_command(config, run.root, ranks, overrides)
     forward = _Forward()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
@@ -166,7 +168,7 @@ def supervise(config: Path, run_dir: Path, ranks: int, max_restarts: int, overri
             _write_status(run, state="stopped", supervisor_last_exit=rc)
             run.event("supervisor_stopped", exit=rc)
             return EXIT_REQUEUE if rc == EXIT_REQUEUE else rc
-        if rc in _NO_RETRY:
+        if rc in NO_RETRY_EXITS:  # a rerun fails the same way (docs/guarantees.md, exit codes)
             _write_status(run, state="failed", supervisor_last_exit=rc)
             run.event("supervisor_gave_up", exit=rc, restarts=restarts, reason="a rerun cannot fix this")
             return rc

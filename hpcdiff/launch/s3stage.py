@@ -9,7 +9,6 @@ One stage or fetch per prefix at a time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from hpcdiff.atomic import file_sha256
 from hpcdiff.errors import DataError, HpcdiffError, UsageError
 
 SHA256_KEY = "sha256"  # object metadata key (sent as x-amz-meta-sha256)
@@ -72,14 +72,6 @@ def _transfer_config(multipart_threshold: int, multipart_chunksize: int) -> Any:
     return TransferConfig(
         multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize, max_concurrency=4
     )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(4 * MiB), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:

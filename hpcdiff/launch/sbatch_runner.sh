@@ -37,8 +37,10 @@ case "$rc" in
     record exit 0
     exit 0
     ;;
-  2 | 3 | 74)
-    echo "[hpcdiff] step refused its configuration or data, or ran out of disk space (exit $rc): not retrying; see the messages above"
+  2 | 3 | 4 | 5 | 74)
+    # hpcdiff.errors.NO_RETRY_EXITS (docs/guarantees.md): usage, bad data, a diverged loss, an unloadable
+    # checkpoint, a full disk. A rerun fails the same way; 75 and crashes are retried below.
+    echo "[hpcdiff] step refused its configuration or data, diverged, found no loadable checkpoint or ran out of disk space (exit $rc): not retrying; see the messages above"
     record exit "$rc"
     exit "$rc"
     ;;

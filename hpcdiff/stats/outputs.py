@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 
-from hpcdiff.atomic import atomic_path, write_text_atomic
+from hpcdiff.atomic import write_text_atomic
+from hpcdiff.nifti import write_nifti
 from hpcdiff.stats.source import unflatten
 
 
 def save_map(path: Path, values: np.ndarray, mask: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray) -> None:
     """Write masked voxel values (V,) as a float32 NIfTI on the grid (0 outside the mask, NaN kept)."""
-    img = nib.Nifti1Image(unflatten(values, mask, shape), affine)
-    img.header.set_xyzt_units("mm")
-    data = img.to_bytes()
-    # mtime=0: gzip otherwise stamps the time, and the same map written twice would differ in its bytes.
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if path.name.endswith(".gz") else data)
+    write_nifti(path, unflatten(values, mask, shape), affine, np.float32, level=1)
 
 
 def _jsonable(obj: Any) -> Any:

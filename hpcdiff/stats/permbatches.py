@@ -2,7 +2,7 @@
 
 Batch b holds permutations [b * S, (b + 1) * S) (S = batch size, part of the plan), so its content never
 depends on who computed it. Worker ``task * W + rank`` of ``T * W`` takes batches ``worker, worker + T*W, ...``
-(``hpcdiff.data.slicing.Worker``). Each batch's partial result (maxima per permutation, exceedance counts per
+(``hpcdiff.batch.Worker``). Each batch's partial result (maxima per permutation, exceedance counts per
 voxel) is written atomically with the plan digest; a rerun skips batches whose file carries the digest, so a kill
 loses at most the batches in flight. Whoever finds every batch done merges from the files alone, in batch order:
 maxima are concatenated and counts (integers) summed, so the merge is the same whatever the slicing.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from hpcdiff.atomic import atomic_write
-from hpcdiff.data.slicing import Worker
+from hpcdiff.batch import Worker
 
 PARTIALS = "partials"
 
@@ -42,7 +42,7 @@ class Batches:
 
     def of(self, worker: Worker) -> range:
         """Batches one worker computes."""
-        return worker.shards(self.count)
+        return worker.indices(self.count)
 
 
 def partial_path(out: Path, batch: int) -> Path:

@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from hpcdiff.atomic import write_text_atomic
 from hpcdiff.data.shards import ShardSet
-from hpcdiff.data.slicing import Worker
+from hpcdiff.batch import Worker
 from hpcdiff.errors import ConfigError, DataError, UsageError
 from hpcdiff.stats import figures
 from hpcdiff.stats.design import Design, _text

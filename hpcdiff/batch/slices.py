@@ -1,7 +1,7 @@
-"""Which shards a process writes when a data job is spread over Slurm array tasks *and* MPI ranks.
+"""Which outputs a process writes when a batch job is spread over Slurm array tasks *and* MPI ranks.
 
-Worker ``task * W + rank`` of ``T * W`` writes shards ``worker, worker + T*W, ...``. Plain arithmetic, so it is
-testable without a launcher, and a rerun with any other (T, W) still finds every shard by its index.
+Worker ``task * W + rank`` of ``T * W`` writes outputs ``worker, worker + T*W, ...``. Plain arithmetic, so it is
+testable without a launcher, and a rerun with any other (T, W) still finds every output by its index.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class Worker:
     def count(self) -> int:
         return self.num_tasks * self.world_size
 
-    def shards(self, num_shards: int) -> range:
-        """Indices of the shards this worker writes."""
-        return range(self.index, num_shards, self.count)
+    def indices(self, num_outputs: int) -> range:
+        """Indices of the outputs this worker writes."""
+        return range(self.index, num_outputs, self.count)
 
 
 def array_task(env: Mapping[str, str]) -> tuple[int, int]:
