@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpcdiff.batch import Worker
 from hpcdiff.data.loader import rank_positions, stream_indices
 from hpcdiff.data.shards import SUBJECTS_TABLE
-from hpcdiff.batch import Worker
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, PYTHON, ROOT, assert_ok, hpcdiff, mpirun, require
 

@@ -23,8 +23,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from hpcdiff.atomic import write_text_atomic
-from hpcdiff.data.shards import ShardSet
 from hpcdiff.batch import Worker
+from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import ConfigError, DataError, UsageError
 from hpcdiff.stats import figures
 from hpcdiff.stats.design import Design, _text
