@@ -190,4 +190,4 @@ def test_cohort_onto_a_bids_dataset_it_did_not_write_is_refused(made, tmp_path):
     before = _snapshot(folder)
     for extra in ([], ["--overwrite"]):
         proc = hpcdiff("cohort", "--out", folder, *COHORT, *extra, timeout=300)
-        _refused(proc, folder, before, "holds 18 file(s) that hpcdiff cohort did not write", "dataset_description.json")
+        _refused(proc, folder, before, "holds 19 file(s) that hpcdiff cohort did not write", "dataset_description.json")

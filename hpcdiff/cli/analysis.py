@@ -114,7 +114,6 @@ def _add_randomise(actions: argparse._SubParsersAction) -> None:
     q.add_argument("--alpha", type=float, default=0.05, help="FWE level for counts in the summary")
     q.add_argument("--block", type=positive, default=16, help="subjects read per block (default 16)")
     q.add_argument("--mask-threshold", type=float, default=0.05, help="mask: template mean > this x max")
-    q.add_argument("--overwrite", action="store_true", help="replace a run of another plan in --out")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     add_task_options(q)
     q.set_defaults(handler=_run_randomise)

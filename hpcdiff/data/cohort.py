@@ -218,7 +218,7 @@ def _subject_file(subject: Subject) -> str:
     return f"{subject.participant_id}/anat/{subject.participant_id}_T1w.nii.gz"
 
 
-_TOP_FILES = ("participants.tsv", "participants.json", "dataset_description.json")
+_TOP_FILES = ("participants.tsv", "participants.json", "T1w.json", "dataset_description.json")
 _TRUTH_MAPS = (
     "age_effect",
     "group_effect",
