@@ -132,11 +132,14 @@ def test_rerun_with_nothing_left_writes_the_manifest_and_batch_size_does_not_pic
     np.testing.assert_allclose(a, b, atol=2e-3)
 
 
-def test_another_seed_redoes_every_shard(trained, reference, tmp_path):
+def test_another_seed_is_another_plan_refused_unless_overwrite_which_redoes_every_shard(trained, reference, tmp_path):
     out = tmp_path / "reseeded"
     shutil.copytree(reference, out)
     argv = [a if a != 7 else 8 for a in SMALL]
     proc = hpcdiff("sample", "--run-dir", trained["run"], "--out", out, *argv, timeout=600)
+    assert proc.returncode == 2 and "another hpcdiff sample plan" in proc.stderr and "--overwrite" in proc.stderr
+    assert _digests(out) == _digests(reference)
+    proc = hpcdiff("sample", "--run-dir", trained["run"], "--out", out, *argv, "--overwrite", timeout=600)
     assert_ok(proc)
     assert "3 shard(s) written, 0 already complete" in proc.stdout
     assert ShardSet.open(out).manifest["provenance"]["seed"] == 8

@@ -104,3 +104,13 @@ def test_bytes_follow_the_plans_thread_count_not_the_launcher_or_environment(tin
     ranks = root / "ranks"
     assert_ok(mpirun(2, [*HPCDIFF, "sample", "--run-dir", run, "--out", ranks, *ARGS], timeout=300))
     assert _bytes(alone) == _bytes(reference) == _bytes(ranks)
+
+
+def test_training_records_its_thread_count_and_warns_when_a_resume_uses_another(tiny):
+    run = tiny["run"]
+    state = torch.load(run / "checkpoints" / "step-000000002" / "state.pt", weights_only=True)
+    assert state["num_threads"] == 1  # the harness runs children with OMP_NUM_THREADS=1
+    more = ["--set", "train.steps=4", "--allow-config-change", "--quiet"]
+    proc = hpcdiff("train", tiny["job"], "--run-dir", run, *more, env={"OMP_NUM_THREADS": "2"}, timeout=300)
+    assert_ok(proc)
+    assert "resumed with 2 intra-op thread(s), the checkpoint was written with 1" in proc.stderr
