@@ -119,6 +119,11 @@ def load_generator(run_dir: Path, device: torch.device) -> _Generator:
     for key in ("ema", "model_config", "objective_config", "covariates", "config"):
         if key not in state:
             raise CheckpointError(f"{info.path}: checkpoint has no {key!r}; it was written by an older hpcdiff")
+    if state.get("model_kind", "unet") != "unet":
+        raise UsageError(
+            f"{run_dir} trained model.kind {state['model_kind']!r}, which does not generate on its own: "
+            "sample from a diffusion run (model.kind unet)"
+        )
     model = UNet(build(UNetConfig, state["model_config"], "model_config"))
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)

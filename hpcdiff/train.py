@@ -23,12 +23,20 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from hpcdiff import checkpoint
-from hpcdiff.config import build, diff, to_dict
+from hpcdiff.config import diff, to_dict
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
 from hpcdiff.errors import EXIT_REQUEUE, ConfigError
-from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective, covariate_specs
+from hpcdiff.models import covariate_specs
+from hpcdiff.networks import (
+    ModelConfig,
+    build_model_config,
+    build_network,
+    build_objective_from,
+    check_input_size,
+    model_kind,
+)
 from hpcdiff.runstate import RunDir
 from hpcdiff.signals import StopFlag
 from hpcdiff.train_config import JobConfig, job_to_dict
@@ -52,26 +60,12 @@ def lr_at(job: JobConfig, step: int) -> float:
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
-    for key in ("dims", "covariates"):
-        if key in job.model:
-            raise ConfigError(f"model.{key} is set from data (data.mode and data.covariates); remove it")
-    dims = 3 if job.data.mode == "3d" else 2
-    cfg = build(UNetConfig, {**job.model, "dims": dims}, "model")
-    cfg.covariates = specs
-    return cfg
-
-
-def build_objective_from(job: JobConfig) -> Any:
-    return build_objective(build(ObjectiveConfig, job.objective, "objective"))
-
-
 @dataclass
 class _Parts:
     model: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    model_config: UNetConfig
+    model_config: ModelConfig
     covariate_schema: dict[str, Any]
     step: int = 0
     position: int = 0
@@ -88,6 +82,7 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "optimizer": parts.optimizer.state_dict(),
         "config": job_to_dict(job),
         # What sampling needs to rebuild the network without the training shards or the job file.
+        "model_kind": model_kind(job),
         "model_config": to_dict(parts.model_config),
         "objective_config": dict(job.objective),
         "covariates": parts.covariate_schema,
@@ -148,7 +143,8 @@ def train(
     device = ctx.device
     torch.manual_seed(seed_for(job.train.seed, -1))
     model_cfg = build_model_config(job, specs)
-    model = UNet(model_cfg).to(device)
+    check_input_size(job, model_cfg, shards.shape)
+    model = build_network(model_cfg).to(device)
     objective = build_objective_from(job)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -207,6 +203,7 @@ def train(
         start_position=parts.position,
         mode=job.data.mode,
         slice_axis=job.data.slice_axis,
+        patch_size=job.data.patch_size,
         prefetch=job.data.prefetch,
     )
     saver = checkpoint.Saver(run.checkpoints, job.train.keep_last, job.train.keep_every) if ctx.is_main else None

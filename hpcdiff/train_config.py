@@ -25,11 +25,17 @@ class DataConfig:
     """Covariates the model is conditioned on; null takes every covariate in the manifest, [] none."""
     prefetch: int = 2
     """Batches read ahead in a background thread."""
+    patch_size: tuple[int, int, int] | None = None
+    """3d mode: train on a random (D, H, W) patch of each volume, so memory does not depend on the volume size;
+    null takes whole volumes. The patch of a sample is a function of (seed, stream position): resume stays exact."""
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "data.batch_size", f"must be at least 1, got {self.batch_size}")
         check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
         check(self.prefetch >= 0, "data.prefetch", "must be 0 or more")
+        if self.patch_size is not None:
+            check(self.mode == "3d", "data.patch_size", f"needs data.mode 3d, got {self.mode!r}")
+            check(all(p >= 1 for p in self.patch_size), "data.patch_size", f"must be >= 1: {list(self.patch_size)}")
 
 
 @dataclass(kw_only=True)
@@ -107,9 +113,10 @@ class JobConfig:
     data: DataConfig
     train: LoopConfig
     model: dict[str, Any] = field(default_factory=dict)
-    """UNet options (hpcdiff.models.UNetConfig without dims and covariates, which come from data)."""
+    """``kind: unet`` (default; hpcdiff.models.UNetConfig without dims and covariates, which come from data) or
+    ``kind: autoencoder`` (hpcdiff.models.AutoencoderConfig)."""
     objective: dict[str, Any] = field(default_factory=lambda: {"kind": "flow"})
-    """Objective options (hpcdiff.models.ObjectiveConfig)."""
+    """Objective options: hpcdiff.models.ObjectiveConfig (flow, ddpm) or AutoencoderLossConfig (autoencoder)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
