@@ -24,7 +24,7 @@ class AutoencoderLossConfig:
     kind: Literal["autoencoder"]
     """Selects this objective (with model.kind: autoencoder)."""
     ssim_weight: float = 0.2
-    """Weight of the structural term 1 - SSIM (3D, Gaussian window 7, data range 1) beside the mean L1 error."""
+    """Weight of the structural term 1 - SSIM (3D, uniform 7-voxel window, data range 1) beside the mean L1 error."""
     kl_weight: float = 1e-6
     """Weight of the KL divergence to N(0, I), summed over latent elements and averaged over the batch."""
 
