@@ -13,9 +13,10 @@ from hpcdiff.train_config import load_job
 
 
 def _status_kib(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise KeyError(field)
 
 
