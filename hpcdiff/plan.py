@@ -14,7 +14,7 @@ from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import ConfigError, ShardError, UsageError
 from hpcdiff.memplan import StepMemory, input_shape, measure_step
 from hpcdiff.models import covariate_specs
-from hpcdiff.networks import model_kind
+from hpcdiff.networks import build_model_config, model_kind
 from hpcdiff.train_config import JobConfig
 
 GIB = 2**30
@@ -81,8 +81,9 @@ def volume_shape(job: JobConfig, shape: Sequence[int] | None) -> tuple[tuple[int
 
 def make_plan(job: JobConfig, shape: Sequence[int] | None = None, gpu_memory_gib: float | None = None) -> Plan:
     """Measure the job's step with and without activation checkpointing."""
-    vol, schema = volume_shape(job, shape)
     kind = model_kind(job)
+    build_model_config(job, [])  # a bad model section is the error to report, before any missing shards
+    vol, schema = volume_shape(job, shape)
     try:
         specs = covariate_specs(schema, job.data.covariates) if schema and kind == "unet" else []
     except ConfigError as e:
