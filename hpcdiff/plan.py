@@ -107,7 +107,7 @@ def make_plan(job: JobConfig, shape: Sequence[int] | None = None, gpu_memory_gib
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    return f"{n / GIB:.2f} GiB" if abs(n) >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def format_plan(p: Plan) -> str:
