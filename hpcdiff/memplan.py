@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
-from hpcdiff.models import AutoencoderConfig, CovariateSpec
+from hpcdiff.models import AutoencoderConfig, CovariateSpec, FlowMatching
 from hpcdiff.networks import ModelConfig, build_model_config, build_network, build_objective_from
 from hpcdiff.train_config import JobConfig
 
@@ -186,8 +186,6 @@ def _training_step(
     if not isinstance(cfg, AutoencoderConfig) and job.objective.get("kind") == "ddpm":
         # DDPM indexes its CPU schedule with the timesteps, which a meta tensor cannot do; its memory is that of
         # a flow step (noise, x_t and target the size of the input) as far as the network is concerned.
-        from hpcdiff.models import FlowMatching
-
         objective = FlowMatching()
 
     def step(i: int) -> torch.Tensor:
