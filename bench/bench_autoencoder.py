@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--shape", type=int, nargs=3, default=[32, 40, 32])
     ap.add_argument("--subjects", type=int, default=48)
     ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--patch", type=int, nargs=3, default=[16, 16, 16], help="training patch (the shape: whole)")
+    ap.add_argument("--run", default="run", help="run directory name under --out")
     args = ap.parse_args()
     out, shape = args.out, args.shape
     for name, seed, n in (("train", 0, args.subjects), ("heldout", 1, 12)):
@@ -43,16 +45,16 @@ def main() -> None:
             _run("cohort", "--out", out / f"{name}-bids", "--subjects", n, "--shape", *shape, "--seed", seed)
             _run("ingest", out / f"{name}-bids", "--out", out / name, "--shape", *shape)
     job = {
-        "data": {"shards": str(out / "train"), "batch_size": 4, "patch_size": [16, 16, 16]},
+        "data": {"shards": str(out / "train"), "batch_size": 4, "patch_size": args.patch},
         "model": {"kind": "autoencoder", "base_channels": 16, "channel_mults": [1, 2, 2], "latent_channels": 4},
         "objective": {"kind": "autoencoder"},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99},
         "train": {"steps": args.steps, "checkpoint_every": args.steps, "log_every": 50},
     }
-    (out / "job.yaml").write_text(yaml.safe_dump(job))
-    _run("train", out / "job.yaml", "--run-dir", out / "run", "--quiet")
+    (out / f"{args.run}.yaml").write_text(yaml.safe_dump(job))
+    _run("train", out / f"{args.run}.yaml", "--run-dir", out / args.run, "--quiet")
 
-    state = checkpoint.load(checkpoint.latest_valid(out / "run" / "checkpoints"))
+    state = checkpoint.load(checkpoint.latest_valid(out / args.run / "checkpoints"))
     cfg = build(AutoencoderConfig, state["model_config"], "model_config")
     ae = Autoencoder(cfg)
     ae.load_state_dict(state["ema"])
@@ -65,6 +67,7 @@ def main() -> None:
     small = [round(s / factor) for s in shape]
     base = F.interpolate(F.interpolate(x, size=small, mode="trilinear"), size=shape, mode="trilinear")
     latent_values = cfg.latent_channels * x[0, 0].numel() // cfg.downsample**3
+    print(f"trained {args.steps} steps, batch 4 of {args.patch} patches")
     print(f"held-out subjects {len(x)} of {shape}; latent {cfg.latent_channels}x{[s // cfg.downsample for s in shape]}")
     print(f"values kept: latent {latent_values}, trilinear {small} = {small[0] * small[1] * small[2]}")
     for name, y in (("autoencoder", recon), ("trilinear", base)):
