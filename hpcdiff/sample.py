@@ -140,6 +140,11 @@ def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
     for key in _SAMPLING_KEYS:
         if key not in state:
             raise CheckpointError(f"{info.path}: checkpoint has no {key!r}; it was written by an older hpcdiff")
+    if state.get("model_kind", "unet") != "unet":
+        raise UsageError(
+            f"{info.path} holds a model.kind {state['model_kind']!r} network, which does not generate on its own: "
+            "sample from a diffusion run (model.kind unet)"
+        )
     kept = {key: state[key] for key in _SAMPLING_KEYS}
     kept["grid"] = state.get("grid") or _training_shards(state, "a checkpoint without its grid").grid
     return kept

@@ -28,11 +28,19 @@ from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.dist import Context
 from hpcdiff.errors import EXIT_REQUEUE, BadCheckpointError, CheckpointError, ConfigError, DivergedError, LeaseLostError
-from hpcdiff.models import UNet, UNetConfig, covariate_specs
+from hpcdiff.models import covariate_specs
+from hpcdiff.networks import (
+    ModelConfig,
+    build_model_config,
+    build_network,
+    build_objective_from,
+    check_input_size,
+    model_kind,
+)
 from hpcdiff.runstate import RunDir
 from hpcdiff.seeds import seed_for
 from hpcdiff.signals import StopFlag
-from hpcdiff.train_config import JobConfig, build_model_config, build_objective_from, job_to_dict
+from hpcdiff.train_config import JobConfig, job_to_dict
 from hpcdiff.watch import Watch, open_watch
 
 log = logging.getLogger(__name__)
@@ -53,7 +61,7 @@ class _Parts:
     model: torch.nn.Module
     ema: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    model_config: UNetConfig
+    model_config: ModelConfig
     covariate_schema: dict[str, Any]
     grid: dict[str, Any]
     data_sha256: str
@@ -74,6 +82,7 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "optimizer": parts.optimizer.state_dict(),
         "config": job_to_dict(job),
         # What sampling needs to rebuild the network without the training shards or the job file.
+        "model_kind": model_kind(job),
         "model_config": to_dict(parts.model_config),
         "objective_config": dict(job.objective),
         "covariates": parts.covariate_schema,
@@ -143,7 +152,8 @@ def train(
         use_deterministic_kernels()
     torch.manual_seed(seed_for(job.train.seed, -1))
     model_cfg = build_model_config(job, specs)
-    model = UNet(model_cfg).to(device)
+    check_input_size(job, model_cfg, shards.shape)
+    model = build_network(model_cfg).to(device)
     objective = build_objective_from(job)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(
@@ -212,6 +222,7 @@ def train(
         start_position=parts.position,
         mode=job.data.mode,
         slice_axis=job.data.slice_axis,
+        patch_size=job.data.patch_size,
         prefetch=job.data.prefetch,
     )
     saver = checkpoint.Saver(run.checkpoints, job.train.keep_last, job.train.keep_every) if ctx.is_main else None

@@ -5,13 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from hpcdiff.config import apply_overrides, build, check, load_yaml, to_dict
-from hpcdiff.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hpcdiff.models import CovariateSpec, Objective, UNetConfig
 
 MAX_BATCH_SIZE = 65536
 """More subjects per rank per micro-batch than any accelerator holds: a typo (1e9), refused before allocating."""
@@ -33,6 +29,9 @@ class DataConfig:
     """Covariates the model is conditioned on; null takes every covariate in the manifest, [] none."""
     prefetch: int = 2
     """Batches read ahead in a background thread."""
+    patch_size: tuple[int, int, int] | None = None
+    """3d mode: train on a random (D, H, W) patch of each volume, so memory does not depend on the volume size;
+    null takes whole volumes. The patch of a sample is a function of (seed, stream position): resume stays exact."""
 
     def __post_init__(self) -> None:
         check(self.batch_size >= 1, "data.batch_size", f"must be at least 1, got {self.batch_size}")
@@ -44,6 +43,9 @@ class DataConfig:
         )
         check(self.slice_axis in (0, 1, 2), "data.slice_axis", f"must be 0, 1 or 2, got {self.slice_axis}")
         check(0 <= self.prefetch <= 64, "data.prefetch", f"must lie in [0, 64], got {self.prefetch}")
+        if self.patch_size is not None:
+            check(self.mode == "3d", "data.patch_size", f"needs data.mode 3d, got {self.mode!r}")
+            check(all(p >= 1 for p in self.patch_size), "data.patch_size", f"must be >= 1: {list(self.patch_size)}")
 
 
 @dataclass(kw_only=True)
@@ -146,9 +148,10 @@ class JobConfig:
     data: DataConfig
     train: LoopConfig
     model: dict[str, Any] = field(default_factory=dict)
-    """UNet options (hpcdiff.models.UNetConfig without dims and covariates, which come from data)."""
+    """``kind: unet`` (default; hpcdiff.models.UNetConfig without dims and covariates, which come from data) or
+    ``kind: autoencoder`` (hpcdiff.models.AutoencoderConfig)."""
     objective: dict[str, Any] = field(default_factory=lambda: {"kind": "flow"})
-    """Objective options (hpcdiff.models.ObjectiveConfig)."""
+    """Objective options: hpcdiff.models.ObjectiveConfig (flow, ddpm) or AutoencoderLossConfig (autoencoder)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -157,31 +160,13 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
     data = apply_overrides(load_yaml(path), list(overrides))
     job = build(JobConfig, data)
     job.data.shards = str(Path(job.data.shards).expanduser().absolute())
+    from hpcdiff.networks import build_model_config, build_objective_from  # torch: only for a config worth checking
+
     # The model and objective sections are built for real only at training time (they need the data's
     # covariates); checking them now refuses a bad key before a submission waits in a queue.
     build_model_config(job, [])
     build_objective_from(job)
     return job
-
-
-def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> UNetConfig:
-    """The network's config: the job's ``model`` section plus what comes from data (dimensions, covariates)."""
-    from hpcdiff.models import UNetConfig  # torch: only for a config worth checking
-
-    for key in ("dims", "covariates"):
-        if key in job.model:
-            raise ConfigError(f"model.{key} is set from data (data.mode and data.covariates); remove it")
-    dims = 3 if job.data.mode == "3d" else 2
-    cfg = build(UNetConfig, {**job.model, "dims": dims}, "model")
-    cfg.covariates = specs
-    return cfg
-
-
-def build_objective_from(job: JobConfig) -> Objective:
-    """The objective the job's ``objective`` section names."""
-    from hpcdiff.models import ObjectiveConfig, build_objective
-
-    return build_objective(build(ObjectiveConfig, job.objective, "objective"))
 
 
 def job_to_dict(job: JobConfig) -> dict[str, Any]:

@@ -24,7 +24,18 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        # Imports under `if TYPE_CHECKING:` never run: they name types for the checker, not a dependency.
+        typing_only = {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and ast.unparse(block.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING")
+            for stmt in block.body
+            for n in ast.walk(stmt)
+        }
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
@@ -79,9 +90,13 @@ def test_a_cycle_inside_a_function_is_found(tmp_path):
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text("from hpcdiff import b\n")
     (pkg / "b.py").write_text("def f():\n    from hpcdiff.a import g\n")
+    (pkg / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from hpcdiff.a import g\n")
     modules = {
         "hpcdiff": pkg / "__init__.py",
         "hpcdiff.a": pkg / "a.py",
         "hpcdiff.b": pkg / "b.py",
+        "hpcdiff.c": pkg / "c.py",
     }
-    assert find_cycle(import_graph(modules)) == ["hpcdiff.a", "hpcdiff.b", "hpcdiff.a"]
+    graph = import_graph(modules)
+    assert find_cycle(graph) == ["hpcdiff.a", "hpcdiff.b", "hpcdiff.a"]
+    assert graph["hpcdiff.c"] == set()  # a type-only import is no dependency

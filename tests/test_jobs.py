@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcdiff.train_config import build_model_config, build_objective_from, load_job
+from hpcdiff.models import AutoencoderConfig
+from hpcdiff.networks import build_model_config, build_objective_from, check_input_size
+from hpcdiff.train_config import load_job
 from tests.harness import ROOT
 
 TRAIN_JOBS = sorted(
@@ -16,10 +18,14 @@ TRAIN_JOBS = sorted(
 def test_job_config_is_valid(path: Path):
     job = load_job(path)
     cfg = build_model_config(job, [])
-    assert cfg.dims == (3 if job.data.mode == "3d" else 2)
+    if isinstance(cfg, AutoencoderConfig):
+        assert job.data.mode == "3d" and job.data.patch_size is not None
+        check_input_size(job, cfg, (160, 224, 160))  # its patches fit a 1 mm UK Biobank grid, and so any smaller
+    else:
+        assert cfg.dims == (3 if job.data.mode == "3d" else 2)
     assert build_objective_from(job) is not None
 
 
-def test_the_ready_jobs_cover_2d_3d_demo_and_ukbiobank():
+def test_the_ready_jobs_cover_2d_3d_demo_ukbiobank_and_latent():
     names = {p.name for p in TRAIN_JOBS}
-    assert {"demo.yaml", "slices-2d.yaml", "volumes-3d.yaml", "ukbiobank-3d.yaml"} <= names
+    assert {"demo.yaml", "slices-2d.yaml", "volumes-3d.yaml", "ukbiobank-3d.yaml", "latent-demo.yaml"} <= names

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from hpcdiff.cli.analysis import add_stats
 from hpcdiff.cli.common import Parser
 from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample, add_verify
+from hpcdiff.cli.plan import add_plan
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_report, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
 from hpcdiff.dist import abort_peers, exit_process
@@ -52,6 +53,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_cohort,
     add_ingest,
     add_train,
+    add_plan,
     add_submit,
     add_status,
     add_logs,

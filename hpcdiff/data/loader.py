@@ -11,7 +11,8 @@ step starts at ``p + W*b``. Hence:
 - remainder policy: nothing is dropped or padded. When ``W*b`` does not divide ``N`` a step's batches straddle the
   epoch boundary: the first samples of the step close epoch ``e``, the rest open epoch ``e+1``.
 
-In 2d mode the slice of each sample is a function of (seed, stream position), so it survives resumes too.
+In 2d mode the slice of each sample, and with ``patch_size`` the 3D patch, is a function of (seed, stream position),
+so it survives resumes too.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hpcdiff.data.patches import patch_corners, patch_selection
 from hpcdiff.data.shards import ShardSet
 
 _SLICE_STREAM = 0x2D  # separates the slice-choice random stream from the permutation stream
@@ -76,7 +78,7 @@ def slice_indices(size: int, seed: int, positions: np.ndarray, slice_range: tupl
 class Batch:
     """One rank's share of one step."""
 
-    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode, (b, 1, *two remaining axes) in 2d mode, float16 as stored
+    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode (or the patch size), (b, 1, *two remaining axes) in 2d mode; float16
     covariates: dict[str, torch.Tensor]  # continuous: float32 raw values; categorical: int64 level index
     indices: torch.Tensor  # (b,) int64 global subject ids
     position: int  # stream position of this batch's first sample
@@ -93,6 +95,7 @@ class Loader:
         start_position: global stream position of the first step (what a checkpoint stored as ``position``).
         mode: "3d" volumes or "2d" slices along ``slice_axis`` (0, 1 or 2 of (D, H, W)).
         slice_range: fractions of the axis the 2D slice is drawn from.
+        patch_size: 3d mode: read a random (d, h, w) patch of each volume instead of the whole volume.
         prefetch: batches read ahead; 0 reads synchronously in the caller's thread.
     """
 
@@ -108,6 +111,7 @@ class Loader:
         mode: Literal["3d", "2d"] = "3d",
         slice_axis: int = 0,
         slice_range: tuple[float, float] = (0.3, 0.7),
+        patch_size: tuple[int, int, int] | None = None,
         prefetch: int = 2,
     ) -> None:
         if batch_size <= 0 or world_size <= 0 or not 0 <= rank < world_size:
@@ -120,6 +124,8 @@ class Loader:
             raise ValueError(f"slice_range must satisfy 0 <= lo < hi <= 1, got {slice_range}")
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
+        if patch_size is not None and (mode != "3d" or len(patch_size) != 3):
+            raise ValueError(f"patch_size needs mode '3d' and three sizes, got {patch_size} in mode {mode!r}")
         self.shards = shards
         self.batch_size = batch_size
         self.rank = rank
@@ -129,6 +135,7 @@ class Loader:
         self.mode = mode
         self.slice_axis = slice_axis
         self.slice_range = slice_range
+        self.patch_size = patch_size
         self.prefetch = prefetch
         self._table = self._covariate_table()
         self._stop: threading.Event | None = None
@@ -156,7 +163,13 @@ class Loader:
         positions = rank_positions(step_position, self.rank, self.batch_size)
         first = positions.start
         indices = stream_indices(self.shards.num_subjects, self.seed, first, self.batch_size)
-        if self.mode == "3d":
+        if self.patch_size is not None:
+            positions = np.arange(first, first + self.batch_size)
+            corners = patch_corners(self.shards.shape, self.patch_size, self.seed, positions)
+            buf = np.empty((self.batch_size, 1, *self.patch_size), dtype=np.float16)
+            for i, (index, corner) in enumerate(zip(indices, corners)):
+                self.shards.read_into(int(index), buf[i, 0], patch_selection(corner, self.patch_size))
+        elif self.mode == "3d":
             buf = np.empty((self.batch_size, 1, *self.shards.shape), dtype=np.float16)
             self.shards.read_batch_into(indices, buf)
         else:

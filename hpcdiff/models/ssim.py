@@ -1,0 +1,57 @@
+"""Structural similarity (SSIM, Wang et al. 2004) of 2D or 3D images over a uniform window.
+
+Used as the autoencoder's structural loss term and as a reconstruction metric; images are compared in float32.
+The uniform 7-voxel window is scikit-image's default; a box filter is an average pool, which costs no more memory
+than its output on any device (a depthwise Gaussian convolution on one channel is padded to 8 or 16 channels by
+CPU convolution libraries).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+K1, K2 = 0.01, 0.03  # the paper's stabilising constants, relative to the data range
+
+
+def _mean_filter(x: Tensor, window: int) -> Tensor:
+    """Valid (unpadded) mean over window^dims boxes; x has shape (N, C, *spatial)."""
+    pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
+    return pool(x, window, stride=1)
+
+
+def ssim(x: Tensor, y: Tensor, data_range: float = 1.0, window: int = 7, reduce: bool = True) -> Tensor:
+    """Mean SSIM between ``x`` and ``y`` over valid window positions and channels.
+
+    The window shrinks to the smallest spatial size when an image is smaller than it.
+
+    Args:
+        x (Tensor): shape (batch, C, *spatial) with 2 or 3 spatial dims.
+        y (Tensor): same shape as ``x``.
+        data_range (float): max - min of the intensity scale (1 for images normalised to [0, 1]).
+        window (int): box size in voxels.
+        reduce (bool): one scalar for the batch; else one value per sample, shape (batch,).
+
+    Returns:
+        Tensor: float32, a scalar or shape (batch,).
+    """
+    if x.shape != y.shape or x.ndim not in (4, 5):
+        raise ValueError(f"ssim needs two (batch, C, *spatial) tensors of one shape, got {x.shape} and {y.shape}")
+    x, y = x.float(), y.float()
+    size = min(window, *x.shape[2:])
+    c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
+    # One filtering pass over the five moments stacked along the batch axis.
+    n = x.shape[0]
+    moments = _mean_filter(torch.cat([x, y, x * x, y * y, x * y]), size)
+    mu_x, mu_y, xx, yy, xy = moments.split(n)
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    per_sample = s.flatten(1).mean(1)
+    return per_sample.mean() if reduce else per_sample
+
+
+def psnr(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+    """Peak signal-to-noise ratio in dB per sample, shape (batch,): 10 log10(range^2 / MSE)."""
+    mse = (x.float() - y.float()).square().flatten(1).mean(1)
+    return 10 * torch.log10(data_range**2 / mse.clamp_min(1e-12))
