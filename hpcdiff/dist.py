@@ -2,8 +2,8 @@
 
 Rank and world size are read once from a table of launcher variables and passed on explicitly, so nothing below
 this module reads the environment. Bring-up is race-free: rank 0 opens a ``TCPStore`` on a port the OS picks and
-broadcasts it over MPI (FIELD-NOTES: broadcasting a "free port" instead races). Every collective carries a timeout,
-so a dead peer ends the job in bounded time instead of hanging it.
+broadcasts it over MPI (broadcasting a "free port" found beforehand races: another process may take it first).
+Every collective carries a timeout, so a dead peer ends the job in bounded time instead of hanging it.
 """
 
 from __future__ import annotations

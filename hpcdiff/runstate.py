@@ -35,7 +35,7 @@ _FLOCK_UNSUPPORTED = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, er
 
 
 class RunDir:
-    """Paths and small writers of one run directory (DESIGN.md, "The run directory")."""
+    """Paths and small writers of one run directory (its layout: docs/guarantees.md, "The run directory")."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
