@@ -461,6 +461,8 @@ def lock_file(python: str) -> str | None:
 
 def refuse_overwrite(path: Path, force: bool) -> None:
     """An existing config (perhaps edited by hand) is kept unless ``force``: checked before anything is written."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"--out {path.parent} is a file, not a folder: give a folder for the cluster's files")
     if path.exists() and not force:
         raise UsageError(f"{path} exists (perhaps edited by hand); pass --force to overwrite it")
 
@@ -477,8 +479,6 @@ def write_cluster_files(opts: AwsClusterOptions, out_dir: Path, constraints: str
     import yaml
 
     config_path, script_path = out_dir / "cluster.yaml", out_dir / "bootstrap.sh"
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file, not a folder: give a folder for cluster.yaml and bootstrap.sh")
     out_dir.mkdir(parents=True, exist_ok=True)
     if config:
         header = (
