@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_OUT ?= demo-out
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-test demo test lint format bench clean
+.PHONY: setup setup-test demo test test-quick lint format bench clean
 
 setup:
 	bash scripts/setup.sh
@@ -22,6 +22,10 @@ lint: setup-test
 
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tests for local work: no Slurm cluster, no test marked slow or mpi (the full suite is `make test`).
+test-quick: lint
+	$(BIN)/python -m pytest -m "not slow and not slurm and not mpi" $(PYTEST_ARGS)
 
 format: setup-test
 	$(BIN)/ruff format .

@@ -10,12 +10,10 @@ the others take it (``resolve``): nobody else re-hashes the file.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
 import logging
-import mmap
 import os
 import pickle
 import re
@@ -80,33 +78,6 @@ def _write_and_hash(path: Path, data: memoryview) -> str:
         return digest.result()
 
 
-def device_sha256(path: Path, block: int = 8 << 20) -> str:
-    """sha256 of what the device holds, read with O_DIRECT so the copy still in the page cache cannot answer.
-
-    Dropping the pages instead (``posix_fadvise(DONTNEED)``) is only advice: measured here it left from none to all
-    of a fresh file's pages cached. A file system that refuses O_DIRECT (tmpfs, some network clients) gets a plain
-    read, which checks what its cache or client returns.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-    try:
-        while True:
-            n = os.readv(fd, [buf])
-            digest.update(memoryview(buf)[:n])
-            if n < block:  # a short read is the end of the file (the next offset would be unaligned)
-                break
-    finally:
-        os.close(fd)
-        buf.close()
-    return digest.hexdigest()
-
-
 def weights_sha256(*state_dicts: Mapping[str, torch.Tensor]) -> str:
     """Digest of tensors in canonical order (name, dtype, shape, bytes): equal digests = bitwise-equal weights."""
     h = hashlib.sha256()
@@ -144,7 +115,7 @@ def verify(path: Path, deep: bool = True) -> CheckpointInfo:
     size = state.stat().st_size
     if size != meta.get("size"):
         return CheckpointInfo(path, step, False, f"{STATE} has {size} bytes, marker says {meta.get('size')}")
-    if deep and device_sha256(state) != meta.get("sha256"):
+    if deep and file_sha256(state, direct=True) != meta.get("sha256"):
         return CheckpointInfo(path, step, False, f"{STATE} checksum differs from the marker (corrupted)")
     return CheckpointInfo(path, step, True, "", meta.get("weights_sha256"))
 
