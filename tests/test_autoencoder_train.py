@@ -16,6 +16,8 @@ from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, wait_for
 from tests.test_resume import _logged_step, _outcome, _rank_pids, _train_cmd
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 AE_MODEL = {"kind": "autoencoder", "base_channels": 8, "channel_mults": [1, 2, 2], "latent_channels": 4}
 
 

@@ -13,6 +13,8 @@ from hpcdiff.memplan import measure_step
 from hpcdiff.train_config import load_job
 from tests.harness import PYTHON, ROOT, assert_ok, hpcdiff, run
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 MODELS = {
     "unet": ({"base_channels": 8, "channel_mults": [1, 2]}, {"kind": "flow"}),
     "autoencoder": (

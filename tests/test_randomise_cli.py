@@ -13,6 +13,8 @@ from hpcdiff.cli import main
 from tests.harness import HPCDIFF, assert_ok, child_env, mpirun, wait_for
 from tests.stats_data import regions, write_cohort_shards
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 # 6 batches of 20 permutations, TFCE included: every output file is compared.
 RUN = ["--group", "group", "--covariates", "age,sex", "--permutations", "120", "--batch-size", "20", "--tfce"]
 

@@ -18,6 +18,8 @@ from hpcdiff.data.cohort import make_cohort
 from hpcdiff.data.shards import QUARANTINE, ShardSet
 from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun, require_mpi
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 SHAPE = (50, 58, 48)
 SPACING = 4.0
 ARGS = ["--shape", *SHAPE, "--spacing", SPACING, "--subjects-per-shard", 3]

@@ -25,6 +25,8 @@ from hpcdiff.data.shards import ShardSet
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun, require
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 SHAPE = (16, 20, 16)
 STEPS = 300
 # Sampling settings shared by the exactness tests: 12 subjects in 3 shards of 4, sampled 2 at a time.

@@ -19,6 +19,8 @@ from hpcdiff.data.shards import MANIFEST, ShardSet, shard_name
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 ARGS = ("--n", 6, "--subjects-per-shard", 2, "--steps", 3, "--seed", 4)
 
 

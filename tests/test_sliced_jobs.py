@@ -22,6 +22,8 @@ from hpcdiff.data.shards import MANIFEST, QUARANTINE, shard_name
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 SHAPE = (16, 20, 16)
 NUM = 6
 COHORT = ("--subjects", NUM, "--shape", *SHAPE, "--seed", 2)

@@ -12,6 +12,8 @@ from hpcdiff import checkpoint
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 
 @pytest.fixture(scope="module")
 def cohort_shards(tmp_path_factory) -> Path:

@@ -20,6 +20,8 @@ from hpcdiff.train_config import LoopConfig
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, wait_for
 
+pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
+
 STEPS = 16
 TRAIN = {"steps": STEPS, "checkpoint_every": 4, "keep_last": 2}
 
