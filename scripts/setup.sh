@@ -31,6 +31,7 @@ if [ "$want_test" = 1 ]; then
   command -v h5dump >/dev/null || need+=(hdf5-tools)
   command -v nifti_tool >/dev/null || need+=(nifti-bin)
   command -v ip >/dev/null || need+=(iproute2) # the multi-node local Slurm (network namespaces)
+  command -v strace >/dev/null || need+=(strace) # counts the files a process opens (scale and finisher tests)
 fi
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -20,7 +20,7 @@ from hpcdiff.atomic import file_sha256
 from hpcdiff.batch.hooks import KILL_AFTER, PAUSE
 from hpcdiff.data.shards import MANIFEST, QUARANTINE, shard_name
 from tests.datagen import blob_shards, job_yaml
-from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun
+from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, require
 
 pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
 
@@ -117,8 +117,7 @@ def test_the_last_task_to_finish_writes_the_manifest_once_while_another_still_wr
 
 def test_the_finisher_opens_none_of_the_other_workers_outputs(made, tmp_path):
     strace = shutil.which("strace")
-    if strace is None:
-        pytest.skip("strace not installed (apt-get install strace)")
+    require("strace", strace is not None, "counts the files the finisher opens (apt-get install strace)")
     out, trace = tmp_path / "out", tmp_path / "trace.txt"
     argv = [*HPCDIFF, *_argv("ingest", made["cohort"], out), "--num-tasks", 2]
     assert_ok(hpcdiff(*argv[3:], "--task", 0, timeout=300))
