@@ -26,7 +26,9 @@ def snapshot(run) -> dict[str, str]:
     return {
         str(p.relative_to(run)): file_sha256(p)
         for p in sorted(run.rglob("*"))
-        if p.is_file() and p.name not in ("lock", "supervisor.lock") and p.relative_to(run).parts[0] != "logs"
+        if p.is_file()
+        and p.name not in ("lock", "lease.json", "supervisor.lock")
+        and p.relative_to(run).parts[0] != "logs"
     }
 
 
