@@ -90,14 +90,14 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
     watched = job_yaml(
         tmp / "watched.yaml",
         shards,
-        # heartbeat_s 0 flushes TensorBoard every step, so the killed run leaves steps past its checkpoint on disk.
+        # heartbeat_s 0.001 flushes TensorBoard every step, so the killed run leaves steps past its checkpoint on disk.
         train={
             **TRAIN,
             "tensorboard": True,
             "preview_every": 4,
             "preview_subjects": 4,
             "preview_sampler_steps": 2,
-            "heartbeat_s": 0.0,
+            "heartbeat_s": 0.001,
         },
     )
     reference = tmp / "plain"
