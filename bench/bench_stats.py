@@ -132,7 +132,7 @@ def hpcdiff_stats(root: Path, out: Path, backend: str) -> dict[str, float]:
     from hpcdiff.stats import backend as use_backend
     from hpcdiff.stats import run_groupdiff, run_template
     from hpcdiff.stats.commands import group_difference
-    from hpcdiff.stats.pipeline import StatsOptions, load_design, prepare
+    from hpcdiff.stats.prepare import StatsOptions, load_design, prepare
 
     times = {}
     start = time.perf_counter()

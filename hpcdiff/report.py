@@ -43,7 +43,7 @@ def read_status(path: Path) -> dict[str, Any]:
     status.setdefault("state", "pending")
     status["run_dir"] = str(run.root)
     if status.get("backend") == "slurm" and status.get("job_ids"):
-        from hpcdiff.launch.slurm_query import job_summary
+        from hpcdiff.launch.slurm.query import job_summary
 
         # Live, while Slurm remembers the job; the run directory above stays the source of truth.
         status["slurm"] = job_summary(str(status["job_ids"][-1]))

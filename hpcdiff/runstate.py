@@ -299,7 +299,7 @@ def _pid_alive(pid: object) -> bool:
 
 
 def _slurm_job_ended(job_id: str) -> bool:
-    from hpcdiff.launch.slurm_query import is_final, job_summary
+    from hpcdiff.launch.slurm.query import is_final, job_summary
 
     summary = job_summary(job_id)
     return summary is not None and is_final(str(summary["state"]))

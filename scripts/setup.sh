@@ -47,7 +47,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 # --- ParallelCluster's own environment (hpcdiff checks cluster configs against its schema there) ---
-PCLUSTER_VENV=.venv-pcluster  # where hpcdiff looks for it (hpcdiff/launch/aws.py)
+PCLUSTER_VENV=.venv-pcluster  # where hpcdiff looks for it (hpcdiff/launch/aws/cluster.py)
 PCLUSTER_SPEC=aws-parallelcluster==3.16.1
 if [ "$want_pcluster" = 1 ] && [ "$(cat "$PCLUSTER_VENV/.hpcdiff-setup" 2>/dev/null)" != "$PCLUSTER_SPEC" ]; then
   say "installing $PCLUSTER_SPEC into $PCLUSTER_VENV"

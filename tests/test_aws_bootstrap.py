@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdiff.launch.aws import AwsClusterOptions, bootstrap_script, lock_file, prepare_wheel
+from hpcdiff.launch.aws.cluster import AwsClusterOptions, bootstrap_script, lock_file, prepare_wheel
 from tests import harness
 from tests.test_install import copy_checkout
 from tests.test_s3_stage import endpoint, fake_credentials  # noqa: F401  (fixtures)
@@ -87,7 +87,7 @@ def test_bootstrap_installs_hpcdiff_from_the_staged_wheel(staged, endpoint, whee
     installed = (site / "hpcdiff" / "__init__.py").read_bytes()
     assert installed == zipfile.ZipFile(wheel).read("hpcdiff/__init__.py")
     (record,) = site.glob("hpcdiff-*.dist-info/RECORD")
-    assert "hpcdiff/launch/aws_bootstrap.sh" in record.read_text()
+    assert "hpcdiff/launch/aws/bootstrap.sh" in record.read_text()
     downloads = venv.parent / "downloads"
     assert (downloads / wheel.name).read_bytes() == wheel.read_bytes()
     assert (downloads / "constraints.txt").read_text() == lock_file("python{}.{}".format(*sys.version_info[:2]))

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from hpcdiff.errors import ConfigError, UsageError
-from hpcdiff.launch import aws, pcluster_check
-from hpcdiff.launch.aws import (
+from hpcdiff.launch.aws import cluster as aws
+from hpcdiff.launch.aws import pcluster_check
+from hpcdiff.launch.aws.cluster import (
     DATA_DIR,
     AwsClusterOptions,
     bootstrap_script,

@@ -11,8 +11,8 @@ import hashlib
 import pytest
 import yaml
 
-from hpcdiff.launch import aws_pcs
-from hpcdiff.launch.aws import bootstrap_script, render_cluster_config
+from hpcdiff.launch.aws import pcs as aws_pcs
+from hpcdiff.launch.aws.cluster import bootstrap_script, render_cluster_config
 from tests import harness
 from tests.test_aws_config import OPTION_SETS, WHEEL_SHA, init_args, options, wheel  # noqa: F401  (fixture)
 

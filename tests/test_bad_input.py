@@ -22,7 +22,7 @@ from hpcdiff.data.cohort import make_cohort
 from hpcdiff.data.ingest import ingest
 from hpcdiff.data.shards import QUARANTINE
 from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_USAGE, ConfigError, DataError
-from hpcdiff.launch.slurm import SlurmOptions
+from hpcdiff.launch.slurm.sbatch import SlurmOptions
 from tests.datagen import job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, require
 

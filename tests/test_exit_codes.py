@@ -64,5 +64,5 @@ def test_verify_names_every_bad_file_at_any_rank_count(shards, tmp_path):
 def test_diverged_and_unloadable_checkpoint_have_codes_no_runner_retries():
     assert DivergedError("x").exit_code == EXIT_DIVERGED and CheckpointError("x").exit_code == EXIT_BAD_CHECKPOINT
     assert {EXIT_DIVERGED, EXIT_BAD_CHECKPOINT} <= NO_RETRY_EXITS and 75 not in NO_RETRY_EXITS
-    runner = (Path(__file__).parents[1] / "hpcdiff" / "launch" / "sbatch_runner.sh").read_text()
+    runner = (Path(__file__).parents[1] / "hpcdiff" / "launch" / "slurm" / "sbatch_runner.sh").read_text()
     assert "2 | 3 | 4 | 5 | 74)" in runner

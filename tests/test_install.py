@@ -49,7 +49,7 @@ def test_wheel_builds_without_package_data_warnings_and_ships_its_data(wheel):
     warned = [line.strip() for line in log.splitlines() if SETUPTOOLS_WARNINGS.search(line)]
     assert not warned, warned
     names = set(zipfile.ZipFile(path).namelist())
-    for data in ("launch/aws_bootstrap.sh", "launch/sbatch_runner.sh", "resources/demo.yaml", "py.typed"):
+    for data in ("launch/aws/bootstrap.sh", "launch/slurm/sbatch_runner.sh", "resources/demo.yaml", "py.typed"):
         assert f"hpcdiff/{data}" in names, f"{data} is missing from the wheel"
     version = "{}.{}".format(*sys.version_info[:2])
     assert f"hpcdiff/resources/constraints-py{version}.txt" in names

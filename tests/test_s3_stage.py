@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpcdiff.errors import DataError, UsageError
-from hpcdiff.launch import s3stage
+from hpcdiff.launch.aws import s3stage
 from tests import harness
 
 boto3 = pytest.importorskip("boto3")

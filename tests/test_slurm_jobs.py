@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
+from hpcdiff.launch.slurm.sbatch import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff, mpirun, wait_for
 from tests.slurm_harness import FINAL_STATES
@@ -256,7 +256,7 @@ def test_a_failing_stage_cancels_the_stages_after_it(slurm_cluster, job, tmp_pat
 
 
 def test_python_api_submitit_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job, tmp_path, monkeypatch):
-    from hpcdiff.launch.submitit_api import submit_training
+    from hpcdiff.launch.slurm.submitit_api import submit_training
 
     reference = tmp_path / "reference 1 rank"
     assert_ok(hpcdiff("train", job, "--run-dir", reference, "--quiet", timeout=300))

@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from hpcdiff.errors import ConfigError, UsageError
-from hpcdiff.launch.pipeline import jobs, load_pipeline
-from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, render, sbatch_argv, train_job
+from hpcdiff.launch.slurm.pipeline import jobs, load_pipeline
+from hpcdiff.launch.slurm.sbatch import (
+    JobScript,
+    SlurmOptions,
+    hpcdiff_argv,
+    output_pattern,
+    render,
+    sbatch_argv,
+    train_job,
+)
 from tests.harness import ROOT, assert_ok, hpcdiff
 
 PY = "/project/me/hpcdiff/.venv/bin/python"

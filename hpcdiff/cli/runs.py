@@ -73,7 +73,7 @@ def _run_train(args: argparse.Namespace) -> int:
     import os
 
     from hpcdiff import dist
-    from hpcdiff.launch.slurm_env import job_deadline
+    from hpcdiff.launch.slurm.env import job_deadline
     from hpcdiff.runstate import RunDir
     from hpcdiff.train import train
     from hpcdiff.train_config import load_job
@@ -141,7 +141,7 @@ def add_submit(sub: argparse._SubParsersAction) -> None:
 def _run_submit(args: argparse.Namespace) -> int:
     from hpcdiff.config import load_yaml
     from hpcdiff.errors import UsageError
-    from hpcdiff.launch.pipeline import is_pipeline
+    from hpcdiff.launch.slurm.pipeline import is_pipeline
 
     if is_pipeline(load_yaml(args.config)):
         return _run_submit_pipeline(args)
@@ -159,7 +159,7 @@ def _run_submit(args: argparse.Namespace) -> int:
 
 
 def _slurm_options(args: argparse.Namespace) -> object:
-    from hpcdiff.launch.slurm import SlurmOptions
+    from hpcdiff.launch.slurm.sbatch import SlurmOptions
 
     return SlurmOptions(
         partition=args.partition,
@@ -178,7 +178,7 @@ def _slurm_options(args: argparse.Namespace) -> object:
 
 
 def _run_submit_slurm(args: argparse.Namespace) -> int:
-    from hpcdiff.launch.slurm import submit_train
+    from hpcdiff.launch.slurm.sbatch import submit_train
     from hpcdiff.train_config import load_job
 
     load_job(args.config, args.set)  # refuse a bad config now, not after hours in the queue
@@ -193,7 +193,7 @@ def _run_submit_slurm(args: argparse.Namespace) -> int:
 
 def _run_submit_pipeline(args: argparse.Namespace) -> int:
     from hpcdiff.errors import UsageError
-    from hpcdiff.launch.pipeline import load_pipeline, submit_pipeline
+    from hpcdiff.launch.slurm.pipeline import load_pipeline, submit_pipeline
 
     if args.backend != "slurm":
         raise UsageError("a pipeline runs as dependent Slurm jobs: add --backend slurm")
@@ -218,7 +218,7 @@ def add_status(sub: argparse._SubParsersAction) -> None:
 
 def _one_status(path: Path) -> tuple[dict, str, str]:
     """(status dict, full description, one-line summary) of a run or pipeline folder."""
-    from hpcdiff.launch.pipeline import describe_pipeline, is_pipeline_dir, pipeline_status
+    from hpcdiff.launch.slurm.pipeline import describe_pipeline, is_pipeline_dir, pipeline_status
     from hpcdiff.report import describe_status, read_status, status_line
 
     if is_pipeline_dir(path):

@@ -81,7 +81,7 @@ def _run_cluster_aws_init(args: argparse.Namespace) -> int:
 
     from hpcdiff.atomic import file_sha256
     from hpcdiff.errors import UsageError
-    from hpcdiff.launch import aws
+    from hpcdiff.launch.aws import cluster
 
     region = args.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     if not region:
@@ -89,12 +89,12 @@ def _run_cluster_aws_init(args: argparse.Namespace) -> int:
     fields = ("key_name", "head_instance", "cpu_instance", "gpu_instance", "max_cpu_nodes", "max_gpu_nodes")
     fields += ("fsx_storage_gib", "fsx_throughput", "os")
     chosen = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
-    opts = aws.AwsClusterOptions(region=region, subnet=args.subnet, bucket=args.bucket, **chosen)
-    name = aws.check_cluster_name(args.name)
+    opts = cluster.AwsClusterOptions(region=region, subnet=args.subnet, bucket=args.bucket, **chosen)
+    name = cluster.check_cluster_name(args.name)
     out = Path(args.out)
-    aws.refuse_overwrite(out / ("pcs.yaml" if args.service == "pcs" else "cluster.yaml"), args.force)
-    wheel = aws.prepare_wheel(out, Path(args.wheel) if args.wheel else None)
-    lock = aws.lock_file(opts.python)
+    cluster.refuse_overwrite(out / ("pcs.yaml" if args.service == "pcs" else "cluster.yaml"), args.force)
+    wheel = cluster.prepare_wheel(out, Path(args.wheel) if args.wheel else None)
+    lock = cluster.lock_file(opts.python)
     opts = dataclasses.replace(
         opts,
         wheel=wheel.name,
@@ -105,22 +105,22 @@ def _run_cluster_aws_init(args: argparse.Namespace) -> int:
         config_path, commands, checked = _pcs_files(opts, name, out)
     else:
         try:
-            aws.validate_with_schema(aws.render_cluster_config(opts), name)
+            cluster.validate_with_schema(cluster.render_cluster_config(opts), name)
             checked = "checked offline against ParallelCluster's schema"
         except UsageError as e:
             checked = f"NOT checked offline ({e})"
         config_path = out / "cluster.yaml"
-        commands = aws.cluster_commands(opts, name, out)
-    script_path = aws.write_cluster_files(opts, out, lock, config=args.service == "parallelcluster")
+        commands = cluster.cluster_commands(opts, name, out)
+    script_path = cluster.write_cluster_files(opts, out, lock, config=args.service == "parallelcluster")
     print(f"wrote {config_path} ({checked}), {script_path} and {wheel} (sha256 {opts.wheel_sha256})")
     if lock is None:
         print(f"# no lock file for {opts.python}: the cluster resolves hpcdiff's dependencies afresh")
     print()
-    print(aws.format_commands(commands))
+    print(cluster.format_commands(commands))
     print(
-        f"\n# then, on the head node: data and runs live under {aws.DATA_DIR} (= s3://{opts.bucket}); GPU jobs:\n"
-        f"hpcdiff submit CONFIG.yaml --run-dir {aws.DATA_DIR}/runs/NAME --backend slurm --partition "
-        + ",".join(aws.GPU_QUEUES)
+        f"\n# then, on the head node: data and runs live under {cluster.DATA_DIR} (= s3://{opts.bucket}); GPU jobs:\n"
+        f"hpcdiff submit CONFIG.yaml --run-dir {cluster.DATA_DIR}/runs/NAME --backend slurm --partition "
+        + ",".join(cluster.GPU_QUEUES)
     )
     return 0
 
@@ -128,11 +128,11 @@ def _run_cluster_aws_init(args: argparse.Namespace) -> int:
 def _pcs_files(opts: object, name: str, out: Path) -> tuple[Path, list, str]:
     """Render, lint and write OUT/pcs.yaml; the commands to stage and deploy it; how it was checked."""
     from hpcdiff.errors import ConfigError, UsageError
-    from hpcdiff.launch import aws, aws_pcs
+    from hpcdiff.launch.aws import cluster, pcs
 
-    text = aws_pcs.template_text(aws_pcs.render_pcs_template(opts, name))
+    text = pcs.template_text(pcs.render_pcs_template(opts, name))
     try:
-        findings = aws_pcs.lint_template(text, opts.region)
+        findings = pcs.lint_template(text, opts.region)
         checked = "checked offline with cfn-lint"
     except UsageError as e:
         findings, checked = [], f"NOT checked offline ({e})"
@@ -140,14 +140,14 @@ def _pcs_files(opts: object, name: str, out: Path) -> tuple[Path, list, str]:
         raise ConfigError("cfn-lint refuses the PCS template: " + "; ".join(findings))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "pcs.yaml"
-    aws.write_text(
+    cluster.write_text(
         path, "# AWS PCS cluster written by 'hpcdiff cluster aws init --service pcs' (CloudFormation).\n" + text
     )
-    return path, aws.staging_commands(opts, out) + aws_pcs.pcs_commands(opts, name, str(path)), checked
+    return path, cluster.staging_commands(opts, out) + pcs.pcs_commands(opts, name, str(path)), checked
 
 
 def _run_cluster_aws_transfer(args: argparse.Namespace) -> int:
-    from hpcdiff.launch import s3stage
+    from hpcdiff.launch.aws import s3stage
 
     part = args.part_mib * s3stage.MiB
     sizes = {"endpoint_url": args.endpoint_url, "multipart_threshold": part, "multipart_chunksize": part}

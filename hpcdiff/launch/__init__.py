@@ -1,13 +1,2 @@
-"""Launchers: where and how hpcdiff jobs run (local mpirun, Slurm, AWS ParallelCluster with S3 staging)."""
-
-from hpcdiff.launch.aws import AwsClusterOptions, render_cluster_config, validate_with_schema
-from hpcdiff.launch.s3stage import TransferReport, fetch, stage
-
-__all__ = [
-    "AwsClusterOptions",
-    "TransferReport",
-    "fetch",
-    "render_cluster_config",
-    "stage",
-    "validate_with_schema",
-]
+"""Launchers, one package per target: ``local`` (mpirun and the restarting supervisor), ``slurm`` (sbatch
+rendering, submission, job chains, the submitit API) and ``aws`` (ParallelCluster and PCS configs, S3 staging)."""

@@ -19,7 +19,7 @@ from hpcdiff.stats.glm import GLMFit, SufficientStats, fdr_bh, fit, two_sided_p,
 from hpcdiff.stats.moments import Moments
 from hpcdiff.stats.permtail import TailFit, fit_tail
 from hpcdiff.stats.permute import FreedmanLane, permutation, permuted_statistics
-from hpcdiff.stats.pipeline import StatsOptions
+from hpcdiff.stats.prepare import StatsOptions
 from hpcdiff.stats.randomise import RandomiseOptions, run_randomise
 from hpcdiff.stats.source import voxel_array
 from hpcdiff.stats.tfce import TFCEOptions, tfce

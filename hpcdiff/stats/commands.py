@@ -13,7 +13,7 @@ from hpcdiff.stats.analysis import group_maps, group_stats, residual_variance
 from hpcdiff.stats.design import Design
 from hpcdiff.stats.gammafit import fit_gamma
 from hpcdiff.stats.outputs import save_json, save_map
-from hpcdiff.stats.pipeline import Prepared, StatsOptions, load_design, prepare
+from hpcdiff.stats.prepare import Prepared, StatsOptions, load_design, prepare
 from hpcdiff.stats.regions import load_atlas, octant_atlas
 
 

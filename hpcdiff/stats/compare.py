@@ -13,7 +13,7 @@ from hpcdiff.errors import DataError
 from hpcdiff.stats import figures
 from hpcdiff.stats.commands import group_difference
 from hpcdiff.stats.outputs import save_json
-from hpcdiff.stats.pipeline import StatsOptions, load_design, prepare
+from hpcdiff.stats.prepare import StatsOptions, load_design, prepare
 from hpcdiff.stats.source import open_shards
 
 

@@ -32,7 +32,7 @@ from hpcdiff.stats.outputs import save_json, save_map
 from hpcdiff.stats.permbatches import PARTIALS, Batches, is_done, merge, save_partial
 from hpcdiff.stats.permtail import ACCELS, fit_tail
 from hpcdiff.stats.permute import FreedmanLane, check_blocks, fwe_p, permutation
-from hpcdiff.stats.pipeline import Prepared, StatsOptions, load_design, prepare
+from hpcdiff.stats.prepare import Prepared, StatsOptions, load_design, prepare
 from hpcdiff.stats.source import open_shards
 from hpcdiff.stats.tfce import TFCEOptions, tfce
 

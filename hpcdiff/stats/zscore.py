@@ -16,7 +16,7 @@ from hpcdiff.errors import UsageError
 from hpcdiff.stats.analysis import glm_sums
 from hpcdiff.stats.glm import SufficientStats, fit
 from hpcdiff.stats.outputs import save_json
-from hpcdiff.stats.pipeline import StatsOptions, load_design, prepare
+from hpcdiff.stats.prepare import StatsOptions, load_design, prepare
 from hpcdiff.stats.regions import load_atlas, octant_atlas
 from hpcdiff.stats.source import open_shards
 

@@ -1,7 +1,7 @@
 """The same cluster on AWS Parallel Computing Service (PCS): a CloudFormation template from the same options.
 
 PCS runs the Slurm controller in AWS's account: there is no head node and no YAML of its own, only resources to
-declare. The template mirrors the ParallelCluster config of :mod:`hpcdiff.launch.aws`: a static ``login`` node
+declare. The template mirrors the ParallelCluster config of :mod:`hpcdiff.launch.aws.cluster`: a static ``login`` node
 group (where users log in and where hpcdiff is installed into the shared venv, the head node's job), node groups
 ``cpu`` (on-demand), ``gpu-spot`` and ``gpu-ondemand`` that scale from zero, one queue each (``cpu``, ``gpu``,
 ``gpu-ondemand``: submit with ``--partition gpu,gpu-ondemand`` as on ParallelCluster), and FSx for Lustre with a
@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from hpcdiff.errors import UsageError
-from hpcdiff.launch.aws import DATA_DIR, MOUNT_DIR, AwsClusterOptions, bootstrap_script
+from hpcdiff.launch.aws.cluster import DATA_DIR, MOUNT_DIR, AwsClusterOptions, bootstrap_script
 
 SLURM_VERSION = "24.11"
 """A Slurm version PCS offers; its node AMIs must match it."""

@@ -25,8 +25,8 @@ import submitit
 
 from hpcdiff.errors import EXIT_REQUEUE
 from hpcdiff.launch.local import train_command
-from hpcdiff.launch.slurm import SlurmOptions, train_job
-from hpcdiff.launch.slurm_query import is_final, job_summary
+from hpcdiff.launch.slurm.query import is_final, job_summary
+from hpcdiff.launch.slurm.sbatch import SlurmOptions, train_job
 from hpcdiff.report import inspect_run, read_status
 from hpcdiff.runstate import RunDir
 

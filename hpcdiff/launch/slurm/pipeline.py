@@ -19,7 +19,8 @@ from typing import Any, Literal
 from hpcdiff.atomic import atomic_write
 from hpcdiff.config import apply_overrides, build, check, load_yaml
 from hpcdiff.errors import UsageError
-from hpcdiff.launch.slurm import (
+from hpcdiff.launch.slurm.query import job_summary
+from hpcdiff.launch.slurm.sbatch import (
     JobScript,
     SlurmOptions,
     hpcdiff_argv,
@@ -29,7 +30,6 @@ from hpcdiff.launch.slurm import (
     train_job,
     write_script,
 )
-from hpcdiff.launch.slurm_query import job_summary
 
 ORDER = ("ingest", "train", "sample", "stats")
 STATE_FILE = "pipeline.json"

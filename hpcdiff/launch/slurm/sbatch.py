@@ -218,7 +218,7 @@ def render(job: JobScript) -> str:
 
 
 def _runner() -> str:
-    return resources.files("hpcdiff.launch").joinpath("sbatch_runner.sh").read_text()
+    return resources.files("hpcdiff.launch.slurm").joinpath("sbatch_runner.sh").read_text()
 
 
 def hpcdiff_argv(*args: str | Path, python: str | None = None) -> list[str]:
@@ -312,7 +312,7 @@ def submit_train(
 
     Returns the script text and the submission (None for a dry run).
     """
-    from hpcdiff.launch.slurm_query import is_final, job_summary
+    from hpcdiff.launch.slurm.query import is_final, job_summary
     from hpcdiff.runstate import RunDir
 
     job = train_job(config, run_dir, options, overrides)

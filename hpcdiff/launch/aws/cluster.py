@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hpcdiff.errors import ConfigError, UsageError
-from hpcdiff.launch import pcluster_check
+from hpcdiff.launch.aws import pcluster_check
 
 MOUNT_DIR = "/fsx"
 DATA_DIR = f"{MOUNT_DIR}/s3"  # the bucket appears here (imported and exported automatically)
@@ -270,10 +270,10 @@ def render_cluster_config(opts: AwsClusterOptions) -> dict[str, Any]:
 
 def bootstrap_script() -> str:
     """The OnNodeConfigured script (installs hpcdiff on the shared FS; watches for spot interruption notices)."""
-    return resources.files("hpcdiff.launch").joinpath("aws_bootstrap.sh").read_text()
+    return resources.files("hpcdiff.launch.aws").joinpath("bootstrap.sh").read_text()
 
 
-PCLUSTER_VENV = Path(__file__).resolve().parents[2] / ".venv-pcluster"
+PCLUSTER_VENV = Path(__file__).resolve().parents[3] / ".venv-pcluster"
 """Where ``scripts/setup.sh --aws`` (or ``--test``) puts ParallelCluster in a source checkout."""
 _CHECK_TIMEOUT_S = 600  # a safety net: importing pcluster takes seconds, never minutes
 _SEPARATE_VENV = (
@@ -400,7 +400,7 @@ def format_commands(commands: list[tuple[str, list[str]]]) -> str:
 
 def source_checkout() -> Path | None:
     """The source checkout this hpcdiff runs from (an editable install), or None for an installed wheel."""
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     return root if (root / "setup.cfg").is_file() and (root / "pyproject.toml").is_file() else None
 
 
