@@ -203,6 +203,7 @@ class _RandomiseJob:
     plan_sha256: str
     num_outputs: int
     finish_files: tuple[str, ...]
+    _observed: _Observed | None = field(default=None, init=False, repr=False)
 
     def marker(self) -> Marker:
         partials = [partial_name(b) for b in range(self.num_outputs)]
@@ -216,7 +217,7 @@ class _RandomiseJob:
         return self.model.two_sided and self.model.statistic == "t"
 
     def observed(self) -> _Observed:
-        if getattr(self, "_observed", None) is None:
+        if self._observed is None:
             o = self.options
             prep = prepare(self.root, o.stats, self.design.rows)
             data = Residuals(prep, self.model, o.cache_gb * 1e9)
@@ -242,9 +243,9 @@ class _RandomiseJob:
         return {"permutations": [ks[0], ks[-1] + 1]}
 
     def finish(self, records: list[Record]) -> dict[str, Any]:
-        seen = self.observed()
         merged = _merge(self.out, records)
-        return _finish(self, seen, merged)
+        assert merged["max_stat"].size == self.options.permutations, "a batch's record covers other permutations"
+        return _finish(self, self.observed(), merged)
 
 
 def _merge(out: Path, records: list[Record]) -> dict[str, np.ndarray]:
