@@ -3,14 +3,14 @@ under mpirun, 3 array tasks, a killed and rerun job), and bad input that exits 2
 
 import json
 import signal
-import subprocess
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from hpcdiff.batch.hooks import KILL_AFTER
 from hpcdiff.cli import main
-from tests.harness import HPCDIFF, assert_ok, child_env, mpirun, wait_for
+from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun
 from tests.stats_data import regions, write_cohort_shards
 
 pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
@@ -79,16 +79,18 @@ def test_two_ranks_three_tasks_and_a_killed_run_give_the_same_bytes(one_rank, sh
         assert ("summary.json" in _outputs(tasks)) == (task == 2)  # only the last task finds every batch done
     assert _outputs(tasks) == want
     killed = tmp_path / "killed"
-    argv = [*HPCDIFF, "stats", "randomise", str(shards), *RUN, "--out", str(killed)]
-    child = subprocess.Popen(argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (killed / "partials" / "batch-000001.npz").exists(), 240, "two batches written")
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=30)
-    assert not (killed / "summary.json").exists(), "the run finished before it could be killed"
+    # SIGKILLed right after its second batch is written and recorded (the core's test hook).
+    proc = hpcdiff("stats", "randomise", shards, *RUN, "--out", killed, env={KILL_AFTER: "2"}, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (killed / "partials").iterdir()) == ["batch-000000.npz", "batch-000001.npz"]
+    assert not (killed / "summary.json").exists()
     code, stdout, _ = cli(capsys, shards, *RUN, "--out", killed, "--json")
     assert code == 0
-    assert json.loads(stdout)["batches_computed"] < 6  # the batches done before the kill were kept
+    assert json.loads(stdout)["batches_computed"] == 4  # the two batches done before the kill were kept
     assert _outputs(killed) == want
+    # A rerun of a finished run reads no data and rewrites nothing.
+    code, stdout, _ = cli(capsys, shards, *RUN, "--out", killed, "--json")
+    assert code == 0 and json.loads(stdout)["batches_computed"] == 0 and _outputs(killed) == want
 
 
 def test_f_test_exchangeability_blocks_and_accel(shards, tmp_path, capsys):
@@ -137,22 +139,43 @@ def test_bad_input_exits_2_or_3_naming_the_problem(tmp_path, capsys, case, extra
     assert message in stderr
 
 
-def test_a_folder_of_another_plan_is_refused_unless_overwrite(shards, tmp_path, capsys):
+@pytest.mark.parametrize("other", [["--seed", 1], ["--accel", "gamma"], ["--threads", 2], ["--tfce"]])
+def test_a_rerun_with_other_options_is_refused_by_the_marker_unless_overwrite(shards, tmp_path, capsys, other):
     out = tmp_path / "out"
-    base = [shards, "--group", "group", "--permutations", "10"]
+    base = [shards, "--group", "group", "--permutations", "20"]  # --accel gamma needs 20
     assert cli(capsys, *base, "--out", out)[0] == 0
-    code, _, stderr = cli(capsys, *base, "--seed", 1, "--out", out)
+    marker = json.loads((out / ".hpcdiff" / "owner.json").read_text())
+    assert marker["command"] == "stats randomise" and "partials/batch-000000.npz" in marker["files"]
+    before = _outputs(out)
+    code, _, stderr = cli(capsys, *base, *other, "--out", out)
     assert code == 2
-    assert "another plan" in stderr and "--overwrite" in stderr
-    assert cli(capsys, *base, "--seed", 1, "--overwrite", "--out", out)[0] == 0
-    assert json.loads((out / "summary.json").read_text())["seed"] == 1
+    assert "of another hpcdiff stats randomise plan" in stderr and "--overwrite" in stderr
+    assert _outputs(out) == before  # refused before anything was written
+    assert cli(capsys, *base, *other, "--overwrite", "--out", out)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["plan_digest"] == json.loads((out / ".hpcdiff" / "owner.json").read_text())["plan_sha256"]
+    assert summary["plan_digest"] != marker["plan_sha256"]
 
 
-def test_a_folder_with_files_it_did_not_write_is_refused(shards, tmp_path, capsys):
+def test_a_folder_with_files_it_did_not_write_is_refused_overwrite_included(shards, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, stderr = cli(capsys, shards, "--group", "group", "--permutations", 10, "--out", out)
-    assert code == 2 and "notes.txt" in stderr
-    assert cli(capsys, shards, "--group", "group", "--permutations", 10, "--overwrite", "--out", out)[0] == 0
-    assert (out / "notes.txt").read_text() == "mine" and (out / "summary.json").exists()
+    for extra in ([], ["--overwrite"]):
+        code, _, stderr = cli(capsys, shards, "--group", "group", "--permutations", 10, *extra, "--out", out)
+        assert code == 2 and "notes.txt" in stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
+
+
+def test_the_finisher_merges_partials_checked_against_their_records(shards, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = [shards, "--group", "group", "--permutations", 20, "--batch-size", 10, "--out", out, "--num-tasks", 2]
+    assert cli(capsys, *base, "--task", 0)[0] == 0
+    partial = out / "partials" / "batch-000000.npz"
+    raw = bytearray(partial.read_bytes())
+    raw[-30] ^= 0xFF  # same size: a rerun would skip it, the finisher must not trust it
+    partial.write_bytes(bytes(raw))
+    code, _, stderr = cli(capsys, *base, "--task", 1)
+    assert code == 3
+    assert str(partial) in stderr and "does not match its record" in stderr
+    assert not (out / "summary.json").exists()

@@ -68,6 +68,26 @@ EXAMPLES: dict[str, JobScript] = {
         options=SlurmOptions(partition="cpu", time="01:00:00", cpus_per_task=16),
         use_srun=False,
     ),
+    "randomise": JobScript(
+        kind="randomise",
+        command=hpcdiff_argv(
+            "stats",
+            "randomise",
+            DATA / "shards",
+            "--out",
+            DATA / "randomise",
+            "--group",
+            "group",
+            "--permutations",
+            "10000",
+            "--covariates",
+            "age,sex",
+            "--tfce",
+            python=PY,
+        ),  # fmt: skip
+        options=SlurmOptions(partition="cpu", time="12:00:00", ntasks_per_node=4),
+        array=10,
+    ),
 }
 
 
@@ -187,3 +207,45 @@ def test_pipeline_yaml_is_typed_and_renders_dependent_stages(tmp_path):
     bad.write_text("dir: x\nstages:\n  sample: {n: 4}\n")
     with pytest.raises(UsageError, match="needs stages.train"):
         load_pipeline(bad)
+
+
+def _step(text: str) -> list[str]:
+    """The STEP array of a rendered script, as bash itself parses it."""
+    step = next(line for line in text.splitlines() if line.startswith("STEP=("))
+    proc = subprocess.run(["bash", "-c", step + '\nprintf "%s\\0" "${STEP[@]}"'], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("\0")[:-1]
+
+
+def test_randomise_yaml_renders_an_array_whose_tasks_take_their_slice_from_slurm(tmp_path):
+    pipe = load_pipeline(ROOT / "jobs" / "randomise.yaml", run_dir=str(tmp_path / "r dir"))
+    ((name, job),) = jobs(pipe)
+    text = render(job)
+    assert name == "randomise" and job.array == 10 and job.use_srun
+    assert "#SBATCH --array=0-9 " in text and "#SBATCH --ntasks-per-node=2 " in text
+    argv = _step(text)
+    assert argv[1:5] == ["-m", "hpcdiff", "stats", "randomise"]
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "r dir" / "randomise")
+    assert argv[argv.index("--permutations") + 1] == "5000" and "--tfce" in argv
+    assert "--task" not in argv and "--num-tasks" not in argv  # each task reads SLURM_ARRAY_TASK_ID/COUNT
+
+
+def test_randomise_stage_after_ingest_reads_its_shards_and_bad_stages_are_refused(tmp_path):
+    spec = tmp_path / "p.yaml"
+    spec.write_text(
+        "dir: d\nstages:\n  ingest: {bids: b}\n"
+        "  randomise: {group: group, permutations: 100, tasks: 3, args: [--accel, gamma]}\n"
+    )
+    pipe = load_pipeline(spec, run_dir=str(tmp_path / "d"))
+    assert [name for name, _ in jobs(pipe)] == ["ingest", "randomise"]
+    argv = _step(render(jobs(pipe)[1][1]))
+    assert argv[5] == str(tmp_path / "d" / "shards") and argv[-2:] == ["--accel", "gamma"]
+    for stage, message in [
+        ("{group: group, permutations: 10}", "stages.randomise needs 'shards'"),
+        ("{group: group, permutations: 10, shards: s, tasks: 0}", "stages.randomise.tasks"),
+        ("{group: group, permutations: 10, shards: s, args: [--task, '1']}", "--task is set by the pipeline"),
+        ("{group: group, permutation: 10, shards: s}", "did you mean 'permutations'"),
+    ]:
+        spec.write_text(f"dir: d\nstages:\n  randomise: {stage}\n")
+        with pytest.raises((ConfigError, UsageError), match=message):
+            load_pipeline(spec)

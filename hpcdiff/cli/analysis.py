@@ -126,14 +126,12 @@ def _names(text: str | None) -> list[str]:
 def _run_randomise(args: argparse.Namespace) -> int:
     import os
 
-    from hpcdiff.batch import Worker, task_of
-    from hpcdiff.dist import detect_topology
+    from hpcdiff.batch import task_of
     from hpcdiff.stats import StatsOptions
     from hpcdiff.stats.randomise import RandomiseOptions, run_randomise
     from hpcdiff.stats.tfce import TFCEOptions
 
-    topology = detect_topology()
-    worker = Worker(*task_of(args.task, args.num_tasks, os.environ), topology.rank, topology.world_size)
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
     options = RandomiseOptions(
         group=args.group,
         permutations=args.permutations,
@@ -154,12 +152,12 @@ def _run_randomise(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         stats=StatsOptions(block=args.block, mask_threshold=args.mask_threshold),
     )
-    summary = run_randomise(args.shards, args.out, options, worker)
+    summary = run_randomise(args.shards, args.out, options, task=task, num_tasks=num_tasks)
     done = f"{summary['batches_computed']} of {summary['num_batches']} batches computed here"
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     elif summary["complete"]:
         print(f"stats randomise: {done}; wrote {Path(args.out) / 'summary.json'} ({summary['seconds']:.1f} s)")
     else:
-        print(f"stats randomise: worker {worker.index}: {done}; other workers' batches still missing")
+        print(f"stats randomise: worker {summary['worker']}: {done}; other workers' batches still missing")
     return 0

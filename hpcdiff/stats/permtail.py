@@ -12,6 +12,7 @@ Both report a Kolmogorov-Smirnov distance and p between the fitted law and the n
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -22,6 +23,17 @@ from hpcdiff.errors import UsageError
 
 Accel = Literal["none", "gamma", "tail"]
 ACCELS: tuple[str, ...] = ("none", "gamma", "tail")
+MIN_NULL = 20
+"""Fewest null values a fit is attempted on."""
+MIN_EXCEEDANCES = 10
+"""Fewest null values above the tail threshold a Pareto is fitted to."""
+
+
+def min_permutations(method: str, tail_fraction: float = 0.1) -> int:
+    """Permutations ``method`` needs: checked before a run starts rather than when its null is complete."""
+    return MIN_NULL if method != "tail" else max(MIN_NULL, math.ceil(MIN_EXCEEDANCES / tail_fraction))
+
+
 P_FLOOR = float(np.finfo(np.float64).eps)
 
 
@@ -67,8 +79,8 @@ def fit_tail(null: np.ndarray, method: str, tail_fraction: float = 0.1) -> TailF
     """Fit ``method`` ("gamma" or "tail") to null values, shape (N,)."""
     x = np.asarray(null, dtype=np.float64)
     x = x[np.isfinite(x)]
-    if x.size < 20:
-        raise UsageError(f"--accel {method} needs at least 20 permutations to fit a null, got {x.size}")
+    if x.size < MIN_NULL:
+        raise UsageError(f"--accel {method} needs at least {MIN_NULL} permutations to fit a null, got {x.size}")
     if method == "gamma":
         mean, std, skew = float(x.mean()), float(x.std(ddof=1)), float(sps.skew(x, bias=False))
         ks = sps.kstest(x, sps.pearson3(skew, loc=mean, scale=std).cdf)
@@ -76,8 +88,10 @@ def fit_tail(null: np.ndarray, method: str, tail_fraction: float = 0.1) -> TailF
     elif method == "tail":
         threshold = float(np.quantile(x, 1.0 - tail_fraction))
         exceed = x[x > threshold] - threshold
-        if exceed.size < 10:
-            raise UsageError(f"--accel tail needs at least 10 null values above the threshold, got {exceed.size}")
+        if exceed.size < MIN_EXCEEDANCES:
+            raise UsageError(
+                f"--accel tail needs at least {MIN_EXCEEDANCES} null values above the threshold, got {exceed.size}"
+            )
         shape, _, scale = sps.genpareto.fit(exceed, floc=0.0)
         ks = sps.kstest(exceed, sps.genpareto(shape, scale=scale).cdf)
         params = {"threshold": threshold, "shape": float(shape), "scale": float(scale), "exceedances": exceed.size}

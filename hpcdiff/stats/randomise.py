@@ -1,18 +1,18 @@
 """``stats randomise``: permutation inference over shards, sliced over ranks and array tasks, resumable.
 
-One process: open the shards, build the design and the mask (the template pass every stats command makes), fit
-the nuisance model, compute the observed statistic, then each of its batches of permutations (``permbatches``)
-as batched products (``permute``), writing each batch's partial file. If every batch is then done, it merges the
-files and writes the maps, the null and summary.json. Processes never talk to each other: the plan digest in
-``plan.json`` and in every partial file is what ties them together.
+A job on the sliced-job core (``hpcdiff.batch``). Planning (one rank per task) checks the inputs and fixes the
+design, the permutations and the plan digest. Output b is batch b of permutations, computed as batched products
+(``permute``) and written as one partial file with its record; whoever finds every batch recorded merges the
+partial files in batch order and writes the maps, the null and summary.json. Permutation k is a pure function of
+(seed, k) and batch boundaries are fixed by the plan, so the outputs are the same bytes however the work was cut.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,15 +22,14 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from hpcdiff.atomic import write_text_atomic
-from hpcdiff.batch import Worker
+from hpcdiff.atomic import atomic_write, write_text_atomic
+from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import ConfigError, DataError, UsageError
 from hpcdiff.stats import figures
 from hpcdiff.stats.design import Design, _text
 from hpcdiff.stats.outputs import save_json, save_map
-from hpcdiff.stats.permbatches import PARTIALS, Batches, is_done, merge, save_partial
-from hpcdiff.stats.permtail import ACCELS, fit_tail
+from hpcdiff.stats.permtail import ACCELS, fit_tail, min_permutations
 from hpcdiff.stats.permute import FreedmanLane, check_blocks, fwe_p, permutation
 from hpcdiff.stats.prepare import Prepared, StatsOptions, load_design, prepare
 from hpcdiff.stats.source import open_shards
@@ -38,7 +37,7 @@ from hpcdiff.stats.tfce import TFCEOptions, tfce
 
 log = logging.getLogger(__name__)
 
-PLAN = "plan.json"
+PARTIALS = "partials"
 
 
 @dataclass(kw_only=True)
@@ -85,6 +84,11 @@ class RandomiseOptions:
             raise ConfigError(f"--batch-size and --threads must be >= 1, got {self.batch_size}, {self.threads}")
         if self.accel not in ACCELS:
             raise ConfigError(f"unknown --accel '{self.accel}': choose one of {', '.join(ACCELS)}")
+        if self.accel != "none" and self.permutations < min_permutations(self.accel):
+            raise ConfigError(
+                f"--accel {self.accel} fits the null of at least {min_permutations(self.accel)} permutations, "
+                f"got --permutations {self.permutations}: give more, or --accel none"
+            )
         if not 0 < self.alpha < 1:
             raise ConfigError(f"--alpha must be in (0, 1), got {self.alpha}")
 
@@ -163,44 +167,125 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _written_by_us(name: str) -> bool:
-    return name in (PLAN, PARTIALS, "summary.json") or name.startswith((".", "max_null")) or name.endswith(".nii.gz")
+def partial_name(batch: int) -> str:
+    """Where batch ``batch``'s partial result lives, relative to the output folder."""
+    return f"{PARTIALS}/batch-{batch:06d}.npz"
 
 
-def _claim(out: Path, plan: dict[str, Any], digest: str, overwrite: bool) -> None:
-    """Make ``out`` this plan's folder, resuming the same plan, refusing (or with ``overwrite`` clearing) another.
+@dataclass
+class _Observed:
+    """What every batch and the finish need from the data: read once per process, and only when needed."""
 
-    With ``overwrite`` the previous run's outputs and partial files go; files it did not write are left alone.
+    prep: Prepared
+    data: Residuals
+    stat: np.ndarray
+    observed: np.ndarray
+    tfce_observed: np.ndarray | None
+
+
+@dataclass
+class _RandomiseJob:
+    """``stats randomise`` as a batch job: output b is batch b of permutations, [b S, (b + 1) S) with S the batch
+    size, written as one partial file (max per permutation, per-voxel exceedance counts); finishing merges the
+    partials in batch order and writes the maps, the nulls and summary.json.
+
+    The job is planned on one rank and handed to the others, so it holds plain data; each process reads the shards
+    itself (template, nuisance fit, observed statistic) the first time it writes a batch or finishes.
     """
-    path = out / PLAN
-    try:
-        old = json.loads(path.read_text()).get("digest")
-    except (OSError, ValueError, AttributeError):
-        old = "unreadable" if path.exists() else None
-    foreign = sorted(p.name for p in out.iterdir() if not _written_by_us(p.name))
-    if old == digest:
-        return
-    if (old is not None or foreign) and not overwrite:
-        what = f"a randomise run of another plan ({path})" if old else f"files it did not write: {foreign[:5]}"
-        raise UsageError(f"{out} holds {what}; choose another --out, or pass --overwrite to replace it")
-    shutil.rmtree(out / PARTIALS, ignore_errors=True)
-    for p in out.iterdir():
-        if _written_by_us(p.name) and p.is_file() and p.name != PLAN and not p.name.startswith("."):
-            p.unlink()
-    write_text_atomic(path, json.dumps({**plan, "digest": digest}, indent=1, sort_keys=True) + "\n")
+
+    root: Path
+    out: Path
+    options: RandomiseOptions
+    design: Design
+    model: FreedmanLane
+    blocks: np.ndarray | None
+    shards_name: str
+    plan_sha256: str
+    num_outputs: int
+    finish_files: tuple[str, ...]
+    _observed: _Observed | None = field(default=None, init=False, repr=False)
+
+    def marker(self) -> Marker:
+        partials = [partial_name(b) for b in range(self.num_outputs)]
+        return Marker("stats randomise", "maps", self.plan_sha256, (*partials, *self.finish_files))
+
+    def files(self, index: int) -> list[str]:
+        return [partial_name(index)]
+
+    @property
+    def two_sided(self) -> bool:
+        return self.model.two_sided and self.model.statistic == "t"
+
+    def observed(self) -> _Observed:
+        if self._observed is None:
+            o = self.options
+            prep = prepare(self.root, o.stats, self.design.rows)
+            data = Residuals(prep, self.model, o.cache_gb * 1e9)
+            stat = self.model.statistics(data.products(np.arange(self.model.num_rows)[None]), data.ee)[0]
+            tfce_observed = _tfce_ranked(stat, prep, o.tfce, self.two_sided) if o.tfce else None
+            self._observed = _Observed(prep, data, stat, self.model.ranked(stat), tfce_observed)
+        return self._observed
+
+    def write(self, index: int) -> dict[str, Any]:
+        o, seen = self.options, self.observed()
+        ks = range(index * o.batch_size, min((index + 1) * o.batch_size, o.permutations))
+        orders = np.stack([permutation(o.seed, k, self.model.num_rows, self.blocks) for k in ks])
+        perm_stats = self.model.statistics(seen.data.products(orders), seen.data.ee)
+        ranked = self.model.ranked(perm_stats)
+        arrays = {"max_stat": np.nanmax(ranked, axis=1), "exceed_stat": (ranked >= seen.observed).sum(axis=0)}
+        if o.tfce:
+            enhanced = [np.abs(_tfce_ranked(s, seen.prep, o.tfce, self.two_sided)) for s in perm_stats]
+            arrays["max_tfce"] = np.array([e.max() for e in enhanced])
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        atomic_write(self.out / partial_name(index), buffer.getvalue())
+        log.info("randomise: batch %d of %d written (permutations %d..%d)", index, self.num_outputs, ks[0], ks[-1])
+        return {"permutations": [ks[0], ks[-1] + 1]}
+
+    def finish(self, records: list[Record]) -> dict[str, Any]:
+        merged = _merge(self.out, records)
+        assert merged["max_stat"].size == self.options.permutations, "a batch's record covers other permutations"
+        return _finish(self, self.observed(), merged)
 
 
-def run_randomise(
-    root: str | Path, out: str | Path, options: RandomiseOptions, worker: Worker | None = None
-) -> dict[str, Any]:
-    """Compute this worker's batches of ``stats randomise``; merge and write the outputs if all are done.
+def _merge(out: Path, records: list[Record]) -> dict[str, np.ndarray]:
+    """Every batch's arrays from its partial file, checked against its record: maxima concatenated in k order,
+    counts (integers) summed, so the result does not depend on who computed which batch."""
+    merged: dict[str, np.ndarray] = {}
+    for record in records:
+        (name,) = record.files
+        raw = (out / name).read_bytes()
+        if _sha256(raw) != record.files[name]["sha256"]:
+            raise DataError(
+                f"{out / name} does not match its record (sha256 differs): it changed after it was written; "
+                f"remove it and {out / STATE_DIR / 'records' / f'{record.index:06d}.json'}, then rerun to recompute "
+                "that batch"
+            )
+        with np.load(io.BytesIO(raw), allow_pickle=False) as part:
+            for key in part.files:
+                value = part[key]
+                if key not in merged:
+                    merged[key] = value
+                elif key.startswith("max"):
+                    merged[key] = np.concatenate([merged[key], value])
+                else:
+                    merged[key] = merged[key] + value
+    return merged
 
-    Returns:
-        the summary (also in ``out/summary.json``) when complete; else a dict with ``complete: False``.
-    """
-    started = time.perf_counter()
-    root, out, worker = Path(root), Path(out), worker or Worker(0, 1, 0, 1)
-    o = options
+
+def _finish_files(options: RandomiseOptions) -> tuple[str, ...]:
+    """What finishing writes; summary.json last (it is what a reader waits for)."""
+    families = ["", "_tfce"] if options.tfce else [""]
+    maps = ["stat", "p_uncorrected", "mask"] + (["tfce"] if options.tfce else [])
+    files = [f"{m}.nii.gz" for m in maps]
+    for suffix in families:
+        files += [f"p{suffix}_fwe.nii.gz", f"max_null{suffix}.txt", f"max_null{suffix}.png"]
+        files += [f"p{suffix}_fwe_permutation.nii.gz"] if options.accel != "none" else []
+    return (*files, "summary.json")
+
+
+def _plan(root: Path, out: Path, o: RandomiseOptions) -> _RandomiseJob:
+    """Check the inputs and fix the plan: which subjects, which model, which permutations (no voxel is read)."""
     shards = open_shards(root)
     for name in o.contrast:
         if name.split("[")[0] not in shards.covariates:
@@ -212,70 +297,82 @@ def run_randomise(
     tested = tested_columns(design, o.contrast, str(root))
     blocks = exchangeability_blocks(shards, design.rows, o.exchangeability_blocks)
     model = FreedmanLane(design.x, tested, two_sided=not o.one_sided)
-    two_sided = model.two_sided and model.statistic == "t"
-    with threadpool_limits(limits=o.threads):
-        prep = prepare(root, o.stats, design.rows)
-        plan = {
-            "command": "randomise",
-            "manifest_sha256": _sha256(json.dumps(shards.manifest, sort_keys=True).encode()),
-            "rows_sha256": _sha256(design.rows.astype(np.int64).tobytes()),
-            "design_sha256": _sha256(design.x.tobytes()),
-            "mask_sha256": _sha256(prep.mask.tobytes()),
-            "columns": design.columns,
-            "tested": [design.columns[i] for i in tested],
-            "permutations": o.permutations,
-            "seed": o.seed,
-            "batch_size": o.batch_size,
-            "threads": o.threads,
-            "two_sided": two_sided,
-            "tfce": asdict(o.tfce) if o.tfce else None,
-            "exchangeability_blocks": o.exchangeability_blocks,
-            "block": o.stats.block,
-        }
-        digest = _sha256(json.dumps(plan, sort_keys=True).encode())
-        out.mkdir(parents=True, exist_ok=True)
-        _claim(out, plan, digest, o.overwrite)
-        batches = Batches(o.permutations, o.batch_size)
-        data = Residuals(prep, model, o.cache_gb * 1e9)
-        stat = model.statistics(data.products(np.arange(model.num_rows)[None]), data.ee)[0]
-        observed = model.ranked(stat)
-        tfce_observed = _tfce_ranked(stat, prep, o.tfce, two_sided) if o.tfce else None
-        computed, mine = 0, batches.of(worker)
-        for done, b in enumerate(mine, 1):
-            if is_done(out, b, digest):
-                continue
-            orders = np.stack([permutation(o.seed, k, model.num_rows, blocks) for k in batches.range(b)])
-            perm_stats = model.statistics(data.products(orders), data.ee)
-            ranked = model.ranked(perm_stats)
-            arrays = {"max_stat": np.nanmax(ranked, axis=1), "exceed_stat": (ranked >= observed).sum(axis=0)}
-            if o.tfce:
-                enhanced = [np.abs(_tfce_ranked(s, prep, o.tfce, two_sided)) for s in perm_stats]
-                arrays["max_tfce"] = np.array([e.max() for e in enhanced])
-            save_partial(out, b, digest, arrays)
-            computed += 1
-            log.info("randomise: worker %d: batch %d done (%d of its %d)", worker.index, b, done, len(mine))
-        merged = merge(out, batches, digest)
-        progress = {"batches_computed": computed, "num_batches": batches.count, "worker": worker.index}
-        if merged is None:
-            return {"command": "randomise", "complete": False, **progress, "seconds": time.perf_counter() - started}
-        summary = _finish(out, prep, design, model, stat, observed, tfce_observed, merged, o, digest, shards)
-    return {**summary, **progress, "seconds": time.perf_counter() - started}
+    plan = {
+        "command": "stats randomise",
+        "shards": str(shards.root),
+        "manifest_sha256": _sha256(json.dumps(shards.manifest, sort_keys=True).encode()),
+        "rows_sha256": _sha256(design.rows.astype(np.int64).tobytes()),
+        "design_sha256": _sha256(design.x.tobytes()),
+        "columns": design.columns,
+        "tested": [design.columns[i] for i in tested],
+        "permutations": o.permutations,
+        "seed": o.seed,
+        "batch_size": o.batch_size,
+        "threads": o.threads,
+        "two_sided": model.two_sided and model.statistic == "t",
+        "tfce": asdict(o.tfce) if o.tfce else None,
+        "accel": o.accel,
+        "alpha": o.alpha,
+        "exchangeability_blocks": o.exchangeability_blocks,
+        "stats": asdict(o.stats),
+    }
+    return _RandomiseJob(
+        root=root,
+        out=out,
+        options=o,
+        design=design,
+        model=model,
+        blocks=blocks,
+        shards_name=str(shards.root),
+        plan_sha256=digest(plan),
+        num_outputs=-(-o.permutations // o.batch_size),
+        finish_files=_finish_files(o),
+    )
 
 
-def _finish(
-    out: Path,
-    prep: Prepared,
-    design: Design,
-    model: FreedmanLane,
-    stat: np.ndarray,
-    observed: np.ndarray,
-    tfce_observed: np.ndarray | None,
-    merged: dict[str, np.ndarray],
-    o: RandomiseOptions,
-    digest: str,
-    shards: ShardSet,
+def run_randomise(
+    root: str | Path, out: str | Path, options: RandomiseOptions, *, task: int = 0, num_tasks: int = 1
 ) -> dict[str, Any]:
+    """Compute this worker's batches of ``stats randomise``; whoever finds every batch done writes the outputs.
+
+    A job on the sliced-job core (hpcdiff.batch): worker ``task * W + rank`` of ``num_tasks * W`` computes batches
+    ``worker, worker + num_tasks * W, ...``; a rerun skips recorded batches; ``out`` must be new, empty, or this
+    plan's (``options.overwrite`` replaces another plan's files, never files it did not write).
+
+    Returns:
+        the summary (as in ``out/summary.json``) when the run is complete, with this worker's progress; else the
+        progress with ``complete: False``.
+    """
+    from hpcdiff import dist
+
+    started = time.perf_counter()
+    root, out = Path(root), Path(out)
+    Worker(task, num_tasks, 0, 1)  # refuse a bad --task before bringing up the ranks
+    ctx = dist.init(device="cpu")
+    try:
+        worker = Worker(task, num_tasks, ctx.rank, ctx.world_size)
+        job = plan_once(ctx, lambda: _plan(root, out, options), _RandomiseJob.marker, out, options.overwrite)
+        with threadpool_limits(limits=options.threads):
+            outcome = run(job, worker)
+    finally:
+        ctx.close()
+    progress = {
+        "batches_computed": outcome.written,
+        "num_batches": job.num_outputs,
+        "worker": worker.index,
+        "seconds": time.perf_counter() - started,
+    }
+    if outcome.finished_here:
+        return {**outcome.summary, **progress}
+    if outcome.finished:
+        return {**json.loads((out / "summary.json").read_text()), **progress}
+    return {"command": "randomise", "complete": False, **progress}
+
+
+def _finish(job: _RandomiseJob, seen: _Observed, merged: dict[str, np.ndarray]) -> dict[str, Any]:
     """Maps, nulls, figures and summary.json from the merged batches; the same bytes whoever writes them."""
+    o, out, model, design = job.options, job.out, job.model, job.design
+    prep, stat, observed, tfce_observed = seen.prep, seen.stat, seen.observed, seen.tfce_observed
     n_perm = o.permutations
     p_uncorrected = np.where(np.isnan(observed), np.nan, (1.0 + merged["exceed_stat"]) / (n_perm + 1.0))
     maps = {"stat": stat, "p_uncorrected": p_uncorrected}
@@ -314,7 +411,7 @@ def _finish(
     summary = {
         "command": "randomise",
         "complete": True,
-        "shards": str(shards.root),
+        "shards": job.shards_name,
         "statistic": model.statistic,
         "tested": [design.columns[i] for i in model.tested],
         "columns": design.columns,
@@ -322,12 +419,12 @@ def _finish(
         "two_sided": model.two_sided and model.statistic == "t",
         "df": model.df,
         "num_subjects": int(design.rows.size),
-        "subjects_left_out": int(shards.num_subjects - design.rows.size),
+        "subjects_left_out": int(prep.shards.num_subjects - design.rows.size),
         "exchangeability_blocks": o.exchangeability_blocks,
         "permutations": n_perm,
         "seed": o.seed,
         "batch_size": o.batch_size,
-        "num_batches": Batches(n_perm, o.batch_size).count,
+        "num_batches": job.num_outputs,
         "min_achievable_p": 1.0 / (n_perm + 1.0),
         "accel": o.accel,
         "tfce": asdict(o.tfce) if o.tfce else None,
@@ -336,7 +433,7 @@ def _finish(
         "significant_voxels_uncorrected": int(np.sum(maps["p_uncorrected"] <= o.alpha)),
         **inference,
         "peak": {"stat": float(stat[peak]), "voxel": [int(i) for i in peak_ijk], "p_fwe": float(maps["p_fwe"][peak])},
-        "plan_digest": digest,
+        "plan_digest": job.plan_sha256,
     }
     save_json(out / "summary.json", summary)
     return summary

@@ -1,4 +1,4 @@
-"""Pipelines: ingest -> train -> sample -> stats as dependent Slurm jobs, and which stage failed.
+"""Pipelines: ingest -> train -> sample -> stats -> randomise as dependent Slurm jobs, and which stage failed.
 
 A pipeline YAML (jobs/pipeline.yaml) names a folder and the stages to run; each stage is a resumable hpcdiff job
 with its own sbatch script, started only when the one before it ended well (``--dependency=afterok``). A stage
@@ -31,7 +31,7 @@ from hpcdiff.launch.slurm.sbatch import (
     write_script,
 )
 
-ORDER = ("ingest", "train", "sample", "stats")
+ORDER = ("ingest", "train", "sample", "stats", "randomise")
 STATE_FILE = "pipeline.json"
 STAGE_LOG = "stages.jsonl"
 
@@ -105,13 +105,41 @@ class StatsStage:
 
 
 @dataclass(kw_only=True)
+class RandomiseStage:
+    """Permutation inference (``hpcdiff stats randomise``) into DIR/randomise, as a job array: each task computes
+    its own batches of permutations and the task that finds every batch done writes the maps."""
+
+    group: str
+    """Categorical column whose two levels are compared (--group)."""
+    permutations: int
+    """Random permutations N (--permutations)."""
+    covariates: list[str] = field(default_factory=list)
+    """Nuisance columns (--covariates)."""
+    shards: str | None = None
+    """Shards to test; default: the ingest stage's DIR/shards, else the training data."""
+    tasks: int = 1
+    """Array tasks sharing the batches of permutations."""
+    args: list[str] = field(default_factory=list)
+    """More ``hpcdiff stats randomise`` options, e.g. [--tfce, --seed, '1', --batch-size, '50']."""
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """Slurm options of this stage (override the pipeline's)."""
+
+    def __post_init__(self) -> None:
+        check(self.permutations >= 1, "stages.randomise.permutations", "must be at least 1")
+        check(self.tasks >= 1, "stages.randomise.tasks", "must be at least 1")
+        for flag in ("--out", "--task", "--num-tasks"):
+            check(flag not in self.args, "stages.randomise.args", f"{flag} is set by the pipeline; leave it out")
+
+
+@dataclass(kw_only=True)
 class Stages:
-    """The stages to run, in the order ingest, train, sample, stats; leave out what is not needed."""
+    """The stages to run, in the order ingest, train, sample, stats, randomise; leave out what is not needed."""
 
     ingest: IngestStage | None = None
     train: TrainStage | None = None
     sample: SampleStage | None = None
     stats: StatsStage | None = None
+    randomise: RandomiseStage | None = None
 
 
 @dataclass(kw_only=True)
@@ -119,7 +147,7 @@ class Pipeline:
     """A whole pipeline: where it writes, Slurm defaults, and its stages."""
 
     dir: str
-    """Folder of every output: shards/, run/, synth/, stats/, slurm/, pipeline.json, stages.jsonl."""
+    """Folder of every output: shards/, run/, synth/, stats/, randomise/, slurm/, pipeline.json, stages.jsonl."""
     stages: Stages
     slurm: dict[str, Any] = field(default_factory=dict)
     """Slurm options for every stage (SlurmOptions keys: partition, account, time, gpus_per_node, ...)."""
@@ -144,6 +172,9 @@ def load_pipeline(path: Path, overrides: Sequence[str] = (), run_dir: str | None
         raise UsageError(f"{path}: stats action 'compare' needs stages.sample; use template, groupdiff or gamma")
     if pipe.stages.stats and not (pipe.stages.ingest or pipe.stages.train):
         raise UsageError(f"{path}: stages.stats needs stages.ingest or stages.train (where the real shards are)")
+    r = pipe.stages.randomise
+    if r and not (r.shards or pipe.stages.ingest or pipe.stages.train):
+        raise UsageError(f"{path}: stages.randomise needs 'shards', or stages.ingest or stages.train to take them from")
     pipe.dir = str(Path(pipe.dir).expanduser().absolute())
     for name in present:
         options(pipe, name)  # refuse bad Slurm options now, not after hours in the queue
@@ -201,6 +232,16 @@ def jobs(pipe: Pipeline) -> list[tuple[str, JobScript]]:
         if opts.cpus_per_task is None:
             opts.cpus_per_task = s.stats.workers
         out.append(("stats", JobScript(kind="stats", command=cmd, options=opts, use_srun=False)))
+    if s.randomise:
+        r = s.randomise
+        shards = Path(r.shards).absolute() if r.shards else _real_shards(pipe, root)
+        cmd = hpcdiff_argv("stats", "randomise", shards, "--out", root / "randomise", "--group", r.group)
+        cmd += ["--permutations", str(r.permutations)]
+        cmd += ["--covariates", ",".join(r.covariates)] if r.covariates else []
+        cmd += r.args
+        array = r.tasks if r.tasks > 1 else None
+        job = JobScript(kind="randomise", command=cmd, options=options(pipe, "randomise"), array=array)
+        out.append(("randomise", job))
     for name, job in out:
         job.stage, job.stage_log = name, log
         job.options.job_name = job.options.job_name or f"hpcdiff-{name}"
@@ -224,7 +265,7 @@ def submit_pipeline(pipe: Pipeline, dry_run: bool = False) -> str:
             {"name": name, "job_id": sub.job_id, "array": job.array, "script": str(script), "output": sub.output}
         )
         atomic_write(root / STATE_FILE, json.dumps(record, indent=1).encode())  # after each: a partial submit shows
-        lines.append(f"{name:7s} job {sub.job_id}" + (f" (after {previous})" if previous else ""))
+        lines.append(f"{name:9s} job {sub.job_id}" + (f" (after {previous})" if previous else ""))
         previous = sub.job_id
     lines.append(f"follow it from any shell: hpcdiff status {root}")
     return "\n".join(lines)
@@ -293,7 +334,7 @@ def describe_pipeline(status: dict[str, Any]) -> str:
     for st in status["stages"]:
         live = st["slurm"]
         extra = f"  [slurm: {live['state']}]" if live else ""
-        lines.append(f"  {st['name']:7s} job {st['job_id']:>8s}  {st['state']}{extra}")
+        lines.append(f"  {st['name']:9s} job {st['job_id']:>8s}  {st['state']}{extra}")
     if status["failed_stage"]:
         lines.append(
             f"failed stage: {status['failed_stage']} (see {status['dir']}/slurm/{status['failed_stage']}-*.out)"

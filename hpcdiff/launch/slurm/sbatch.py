@@ -22,7 +22,7 @@ from typing import Literal
 from hpcdiff.config import check
 from hpcdiff.errors import UsageError
 
-Kind = Literal["train", "sample", "ingest", "stats"]
+Kind = Literal["train", "sample", "ingest", "stats", "randomise"]
 
 # A #SBATCH value is read by sbatch, not by a shell: one word, no quotes, no comment sign, no backslash.
 _WORD = re.compile(r"^[A-Za-z0-9_.,:+=@&|!*%/\[\]()-]+$")
@@ -64,6 +64,12 @@ _ABOUT: dict[Kind, str] = {
 # Statistics: one job whose dask workers are processes on this node (--backend local --workers N, N = CPUs).
 # For more than one node, run the same command on a login node with --backend slurm --workers N instead: dask-jobqueue
 # then submits N worker jobs itself (--partition, --walltime), and this script is not needed.""",
+    "randomise": """\
+# Permutation inference as a job array: every task plans the same batches of permutations; task I of T
+# (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) computes its own batches, and srun's ranks inside a task split them
+# further (worker = task x ranks + rank). Each batch is written atomically and recorded; the task that finds every
+# batch done (the last to end) merges them and writes the maps and summary.json, the same bytes as one process.
+# A rerun task (requeued, or resubmitted with --array=I) skips the batches already done.""",
 }
 
 
