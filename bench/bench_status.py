@@ -2,8 +2,9 @@
 
 For each size a run directory with one checkpoint (model + EMA + AdamW of N million parameters) is written, then
 ``report.read_status`` (what `hpcdiff status` prints) is timed, best of ``--repeats``, beside the deep check that
-status used to make (sha256 of the whole state file), in the same run. The checkpoint writer drops the file's
-pages from the page cache, so the deep check reads from the disk as it would on a fresh node.
+status used to make (sha256 of the whole state file), in the same run. The deep check may be served from the
+page cache (the writer's read-back uses O_DIRECT and leaves the written pages cached), so it is if anything an
+underestimate of what a fresh node pays.
 
     .venv/bin/python bench/bench_status.py --params-m 1 10 50
 """

@@ -103,8 +103,9 @@ class DivergedError(HpcdiffError, FloatingPointError):
     exit_code = EXIT_DIVERGED
 
 
-class BadCheckpointError(DataError, CheckpointError):
-    """A checkpoint on disk cannot be used (refused by ``weights_only``, every one invalid): bad data, exit 3."""
+class BadCheckpointError(CheckpointError):
+    """A checkpoint on disk cannot be used (refused by ``weights_only``, every one invalid): exit 5, which runners
+    do not retry (a rerun would load the same bytes), kept apart from bad input data (3)."""
 
 
 class RunLockedError(HpcdiffError):

@@ -16,7 +16,7 @@ import yaml
 
 from hpcdiff.atomic import file_sha256
 from hpcdiff.checkpoint import MARKER, STATE
-from hpcdiff.errors import EXIT_BAD_DATA, EXIT_NO_SPACE, EXIT_USAGE
+from hpcdiff.errors import EXIT_BAD_CHECKPOINT, EXIT_NO_SPACE, EXIT_USAGE
 from hpcdiff.runstate import RunDir
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff
@@ -66,14 +66,14 @@ def test_a_config_change_the_checkpoint_cannot_hold_is_refused_before_anything_i
     assert_ok(hpcdiff("train", run / "config.yaml", "--run-dir", run, "--quiet", timeout=300))
 
 
-def test_every_checkpoint_corrupt_exits_3_unless_told_to_start_over(run):
+def test_every_checkpoint_corrupt_exits_5_unless_told_to_start_over(run):
     for folder in _checkpoints(run):
         data = bytearray((folder / STATE).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (folder / STATE).write_bytes(bytes(data))
     before = snapshot(run)
     proc = hpcdiff("train", run / "config.yaml", "--run-dir", run, "--quiet", timeout=300)
-    assert_ok(proc, EXIT_BAD_DATA)
+    assert_ok(proc, EXIT_BAD_CHECKPOINT)
     assert f"every checkpoint in {run / 'checkpoints'} is invalid" in proc.stderr
     assert "step-000000002: state.pt checksum differs" in proc.stderr and "--start-over" in proc.stderr
     assert snapshot(run) == before
@@ -83,7 +83,7 @@ def test_every_checkpoint_corrupt_exits_3_unless_told_to_start_over(run):
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
-def test_a_checkpoint_refused_by_weights_only_exits_3_without_torchs_advice(run):
+def test_a_checkpoint_refused_by_weights_only_exits_5_without_torchs_advice(run):
     newest = _checkpoints(run)[-1]
     state = torch.load(newest / STATE, weights_only=True)
     state["extra"] = argparse.Namespace(payload="not a tensor")  # what weights_only refuses to unpickle
@@ -93,7 +93,7 @@ def test_a_checkpoint_refused_by_weights_only_exits_3_without_torchs_advice(run)
     (newest / MARKER).write_text(json.dumps(marker))
     before = snapshot(run)
     proc = hpcdiff("train", run / "config.yaml", "--run-dir", run, "--quiet", timeout=300)
-    assert_ok(proc, EXIT_BAD_DATA)
+    assert_ok(proc, EXIT_BAD_CHECKPOINT)
     assert f"refused to load {newest / STATE}: it holds Python objects" in proc.stderr
     assert "weights_only=False" not in proc.stderr and "weights_only` set to `False`" not in proc.stderr
     assert snapshot(run) == before

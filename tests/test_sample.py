@@ -104,7 +104,9 @@ def test_two_ranks_and_two_array_tasks_give_the_same_bytes(trained, reference, t
     assert _digests(two) == _digests(reference)
 
     tasks = tmp_path / "tasks"
-    first = hpcdiff("sample", "--run-dir", trained["run"], "--out", tasks, *SMALL, "--task", 0, "--num-tasks", 2)
+    # Task 0 runs as 2 ranks (2 array tasks x 2 ranks), task 1 as one process.
+    argv = [*HPCDIFF, "sample", "--run-dir", trained["run"], "--out", tasks, *SMALL, "--task", 0, "--num-tasks", 2]
+    first = mpirun(2, argv, timeout=600)
     assert_ok(first)
     assert sorted(p.name for p in tasks.glob("*.h5")) == ["shard-00000.h5", "shard-00002.h5"]
     assert not (tasks / "manifest.json").exists() and "still missing" in first.stdout

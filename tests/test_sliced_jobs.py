@@ -7,6 +7,7 @@ hook (a worker waits for a file): no sleeps decide an order here.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -89,50 +90,58 @@ def test_killed_after_a_seeded_number_of_outputs_then_rerun_gives_the_undisturbe
     assert _tree(tmp_path / "out") == _tree(made[command]), f"killed after {after} outputs"
 
 
-def _wrote_manifest(text: str) -> int:
-    return len(re.findall(r"all \d+ shards done; wrote .*manifest\.json", text))
+def _finished_here(text: str) -> int:
+    return len(re.findall(r": finished here from \d+ records", text))
 
 
-def test_the_last_task_to_finish_writes_the_manifest_once_while_another_still_writes(made, tmp_path):
+def _outputs_of(done: Path, index: int) -> list[str]:
+    """The files output ``index`` of a finished reference run consists of, from its record."""
+    return sorted(json.loads((done / ".hpcdiff" / "records" / f"{index:06d}.json").read_text())["files"])
+
+
+@pytest.mark.parametrize("command", ["cohort", "ingest", "export"])
+def test_the_last_task_to_finish_finishes_once_while_another_still_writes(made, command, tmp_path):
     out, go = tmp_path / "out", tmp_path / "go"
-    argv = [*HPCDIFF, *_argv("ingest", made["cohort"], out), "--num-tasks", 2]
-    # Task 1 owns shards 1, 3, 5 and waits before its last one; task 0 ends first, finding shard 5 missing.
+    argv = [*HPCDIFF, *_argv(command, _src(made, command), out), "--num-tasks", 2]
+    # Task 1 owns outputs 1, 3, 5 and waits before its last one; task 0 ends first, finding output 5 missing.
     paused = subprocess.Popen(
         [*map(str, argv), "--task", "1"],
-        env=child_env({PAUSE: f"5:{go}"}),
+        env=child_env({PAUSE: f"{NUM - 1}:{go}"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     first = subprocess.run([*map(str, argv), "--task", "0"], env=child_env(), capture_output=True, text=True)
     assert_ok(first)
-    assert "other workers' shards still missing" in first.stdout and not (out / MANIFEST).exists()
+    assert _finished_here(first.stderr) == 0 and not (out / ".hpcdiff" / "finish.json").exists()
     assert paused.poll() is None
     go.touch()
     stdout, stderr = paused.communicate(timeout=300)
     assert paused.returncode == 0, stderr
-    assert _wrote_manifest(first.stderr) + _wrote_manifest(stderr) == 1
-    assert _tree(out) == _tree(made["ingest"])
+    assert _finished_here(first.stderr) + _finished_here(stderr) == 1
+    assert _tree(out) == _tree(made[command])
 
 
-def test_the_finisher_opens_none_of_the_other_workers_outputs(made, tmp_path):
+@pytest.mark.parametrize("command", ["cohort", "ingest", "export"])
+def test_the_finisher_opens_none_of_the_other_workers_outputs(made, command, tmp_path):
     strace = shutil.which("strace")
     require("strace", strace is not None, "counts the files the finisher opens (apt-get install strace)")
     out, trace = tmp_path / "out", tmp_path / "trace.txt"
-    argv = [*HPCDIFF, *_argv("ingest", made["cohort"], out), "--num-tasks", 2]
+    argv = [*HPCDIFF, *_argv(command, _src(made, command), out), "--num-tasks", 2]
     assert_ok(hpcdiff(*argv[3:], "--task", 0, timeout=300))
     cmd = [strace, "-f", "-qq", "-e", "trace=open,openat", "-o", trace, *argv, "--task", 1]
     proc = subprocess.run(list(map(str, cmd)), env=child_env(), capture_output=True, text=True, timeout=300)
     assert_ok(proc)
-    assert _wrote_manifest(proc.stderr) == 1
+    assert _finished_here(proc.stderr) == 1
     opened = trace.read_text()
     assert "records/000000.json" in opened  # it read the other task's records...
-    for index in (0, 2, 4):  # ...and none of its shards
-        assert shard_name(index) not in opened, f"the finisher opened task 0's {shard_name(index)}"
-    assert _tree(out) == _tree(made["ingest"])
+    for index in range(0, NUM, 2):  # ...and none of its outputs
+        for name in _outputs_of(made[command], index):
+            assert name not in opened, f"the {command} finisher opened task 0's {name}"
+    assert _tree(out) == _tree(made[command])
 
 
-# ---------------------------------------------------------------- who owns a folder (issue 19's cases)
+# ---------------------------------------------------------------- who owns a folder (the cases that lost data before)
 def _snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -10,6 +10,7 @@ records alone. No collective follows the uneven part: a worker whose slice is do
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -29,6 +30,7 @@ STALE_CLAIM_S = 600.0
 """A finishing claim this old whose holder cannot be checked (another host) is taken over."""
 
 P = TypeVar("P")
+log = logging.getLogger(__name__)
 
 
 class Job(Protocol):
@@ -139,6 +141,7 @@ def finish_if_done(job: Job, outcome: Outcome) -> None:
         raise
     write_text_atomic(claim, json.dumps({"plan_sha256": job.plan_sha256, "done": True}) + "\n")
     outcome.finished = outcome.finished_here = True
+    log.info("%s: finished here from %d records", job.out, len(records))
 
 
 def _claim(path: Path, plan_sha256: str) -> str:

@@ -157,7 +157,7 @@ def verified_shard(path: Path, expected: int | None = None) -> ShardInfo | None:
     if not path.is_file():
         return None
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             k = _check_open_shard(f, path, expected)
             dset = f[IMAGES]
             buf = np.empty(dset.shape[1:], dtype=dset.dtype)

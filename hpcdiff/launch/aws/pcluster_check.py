@@ -137,8 +137,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as a script, Python puts this folder first on sys.path, where aws.py and local.py could shadow
-    # top-level modules of pcluster's dependencies.
+    # Run as a script, Python puts this folder first on sys.path, where our modules (cluster.py, pcs.py) could
+    # shadow top-level modules of pcluster's dependencies.
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
     main()
