@@ -75,7 +75,7 @@ class BackendOptions:
 MNI_1MM_VOXELS = 182 * 218 * 182
 """Voxels of the 1 mm MNI grid: what worker memory is sized for when the grid is not known."""
 WORKER_BASE_BYTES = 512 << 20
-"""A worker process before any data: Python, numpy, h5py, distributed (measured 0.36-0.56 GB resident)."""
+"""A worker process before any data: Python, numpy, torch, h5py, distributed (measured 0.37-0.60 GB resident)."""
 BLOCK_COPIES = 3
 """Copies of one task's float64 block alive at once: the stored float16 read, its float64 copy, a centred copy."""
 SUMMARY_MAPS = 10
@@ -88,7 +88,8 @@ def worker_memory(num_voxels: int, block: int | None = None) -> int:
     The same estimate that sizes the blocks of every backend (``block_for``): a task holds its block of volumes in
     float64 a few times over, and a merge holds ``SPLIT_EVERY`` summaries plus its result. Summaries are counted
     over the whole grid (the mask is not known before the data are read), so this is an upper bound: measured
-    peaks were 0.36 GB for 16 thousand voxels and 0.68 GB for a million (estimates 0.55 and 1.7 GB).
+    peaks were 0.38 GB for 16 thousand voxels and 0.72 GB for a million, estimates 0.55 and 1.7 GB
+    (bench/bench_stats_worker.py).
     """
     block = block or block_for(num_voxels)
     block_bytes = BLOCK_COPIES * 8 * block * num_voxels
