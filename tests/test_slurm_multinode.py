@@ -7,8 +7,11 @@ is compared with a one-node run on the same number of ranks under mpirun.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -18,14 +21,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from dask.utils import format_bytes
+from dask_jobqueue.slurm import slurm_format_bytes_ceil
 
 from hpcdiff import checkpoint
 from hpcdiff.atomic import file_sha256
+from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
 from hpcdiff.stats import backend, run_groupdiff
+from hpcdiff.stats.backend import worker_memory
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, PYTHON, ROOT, assert_ok, hpcdiff, mpirun, wait_for
 from tests.slurm_harness import SlurmCluster, require_namespaces
-from tests.stats_data import write_cohort_shards
+from tests.stats_data import SHAPE, write_cohort_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -99,12 +106,15 @@ def _wait_completed(cluster, run: Path, job_id: str, timeout: float = 600) -> No
     wait_for(done, timeout, f"job {job_id} to complete", poll=0.5)
 
 
+@functools.cache
 def _final(run: Path) -> tuple[str, dict]:
-    proc = hpcdiff("inspect", run, "--json")
-    assert_ok(proc)
-    report = json.loads(proc.stdout)
-    assert report["step"] == STEPS
-    return report["weights_sha256"], checkpoint.load(checkpoint.latest_valid(run / "checkpoints"))
+    """The final checkpoint's weights digest and state, read here (no ``hpcdiff inspect`` child importing torch:
+    the CLI's digest is tested elsewhere); cached, so each reference run is read once."""
+    info = checkpoint.latest_valid(run / "checkpoints")  # deep-verified against its marker's checksums
+    assert info is not None and info.step == STEPS, info
+    state = checkpoint.load(info)
+    assert checkpoint.weights_sha256(state["model"], state["ema"]) == info.weights_sha256
+    return info.weights_sha256, state
 
 
 @pytest.fixture(scope="module")
@@ -197,23 +207,62 @@ def _digests(out: Path) -> dict[str, str]:
     return {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_data_jobs_under_srun_on_two_nodes_equal_one_process(slurm_two_nodes, two_node_run, tmp_path):
+DATA_SHAPE = ("--shape", 16, 18, 16)
+
+
+@pytest.fixture(scope="module")
+def one_process_data(tmp_path_factory) -> dict[str, Path]:
+    """A cohort and its ingest, each written by one process: the bytes every multi-node data job must give."""
+    root = tmp_path_factory.mktemp("data one process")
+    bids, shards = root / "bids", root / "shards"
+    assert_ok(hpcdiff("cohort", "--out", bids, "--subjects", 6, *DATA_SHAPE, "--seed", 2, timeout=300))
+    assert_ok(hpcdiff("ingest", bids, "--out", shards, *DATA_SHAPE, "--subjects-per-shard", 2, timeout=300))
+    return {"bids": bids, "shards": shards}
+
+
+def test_data_jobs_under_srun_on_two_nodes_equal_one_process(slurm_two_nodes, two_node_run, one_process_data, tmp_path):
     srun = ["srun", "--nodes", 2, "--ntasks-per-node", 1, *HPCDIFF]
 
-    def both(*args: object, out: str) -> Path:
-        """The command as one process and under srun on both nodes; asserts the same bytes; the one-process out."""
-        assert_ok(hpcdiff(*args, "--out", tmp_path / f"{out} one", timeout=300))
-        assert_ok(slurm_two_nodes.run([*srun, *args, "--out", tmp_path / f"{out} two"], timeout=300))
-        one = tmp_path / f"{out} one"
-        assert _digests(tmp_path / f"{out} two") == _digests(one), out
+    def on_two_nodes(*args: object, out: str, one: Path | None = None) -> Path:
+        """The command under srun on both nodes; asserts the bytes of ``one`` (else of one process run here)."""
+        if one is None:
+            one = tmp_path / f"{out} one"
+            assert_ok(hpcdiff(*args, "--out", one, timeout=300))
+        two = tmp_path / f"{out} two"
+        assert_ok(slurm_two_nodes.run([*srun, *args, "--out", two], timeout=300))
+        assert _digests(two) == _digests(one), out
         assert _digests(one)
         return one
 
-    bids = both("cohort", "--subjects", 6, "--shape", 16, 18, 16, "--seed", 2, out="bids")
-    shards = both("ingest", bids, "--shape", 16, 18, 16, "--subjects-per-shard", 2, out="shards")
-    both("export", shards, out="export")
+    bids = on_two_nodes("cohort", "--subjects", 6, *DATA_SHAPE, "--seed", 2, out="bids", one=one_process_data["bids"])
+    shards = on_two_nodes(
+        "ingest", bids, *DATA_SHAPE, "--subjects-per-shard", 2, out="shards", one=one_process_data["shards"]
+    )
+    on_two_nodes("export", shards, out="export")
     run = two_node_run["run"]
-    both("sample", "--run-dir", run, "--n", 4, "--subjects-per-shard", 2, "--steps", 4, "--seed", 7, out="samples")
+    on_two_nodes(
+        "sample", "--run-dir", run, "--n", 4, "--subjects-per-shard", 2, "--steps", 4, "--seed", 7, out="samples"
+    )
+
+
+def test_ingest_array_across_nodes_writes_one_manifest_once(slurm_two_nodes, one_process_data, tmp_path):
+    # Three tasks of a whole node each (4 CPUs): two run at once, one per node; the third follows on either.
+    tasks = 3
+    out = tmp_path / "shards 'array'"
+    argv = hpcdiff_argv("ingest", one_process_data["bids"], "--out", out, *DATA_SHAPE, "--subjects-per-shard", 2)
+    options = SlurmOptions(ntasks_per_node=1, cpus_per_task=4, max_restarts=0)
+    script = write_script(
+        JobScript(kind="ingest", command=argv, options=options, array=tasks), tmp_path / "ingest.sbatch"
+    )
+    array_id = slurm_two_nodes.sbatch(script, f"--output={output_pattern(tmp_path, 'ingest', array=True)}")
+    for t in range(tasks):
+        assert slurm_two_nodes.wait(f"{array_id}_{t}", timeout=300) == "COMPLETED"
+    logs = [(tmp_path / f"ingest-{array_id}_{t}.out").read_text() for t in range(tasks)]
+    hosts = {re.search(r"starts on (\S+)", text).group(1) for text in logs}
+    assert hosts == {"node1", "node2"}, logs
+    finishers = [text for text in logs if re.search(r"^ingest: 6 subjects in 3 shards", text, re.M)]
+    assert len(finishers) == 1, logs  # one task wrote manifest.json and quarantine.tsv; the others saw them there
+    assert _digests(out) == _digests(one_process_data["shards"])
 
 
 def test_node_failure_requeues_onto_the_other_node_and_resumes_exactly(slurm_two_nodes, job, one_node_run, tmp_path):
@@ -279,18 +328,59 @@ def test_next_start_cleans_up_a_killed_cluster_and_stop_leaves_nothing(tmp_path)
     assert fresh.network_leftovers() == []
 
 
-def test_stats_mpi_backend_under_srun_on_two_nodes_gives_the_local_maps(slurm_two_nodes, tmp_path):
-    shards = tmp_path / "shards"
-    write_cohort_shards(shards, num_subjects=24, per_shard=10)
+STATS_MAPS = ("t", "p", "d", "t_age", "mask")
+
+
+@pytest.fixture(scope="module")
+def stats_inputs(tmp_path_factory) -> dict[str, Path]:
+    """Shards with planted effects and their groupdiff maps from the local (threaded) backend."""
+    root = tmp_path_factory.mktemp("stats")
+    write_cohort_shards(root / "shards", num_subjects=24, per_shard=10)
     with backend("local"):
-        run_groupdiff(shards, tmp_path / "local", "group", ["age", "sex"])
+        run_groupdiff(root / "shards", root / "local", "group", ["age", "sex"])
+    return {"shards": root / "shards", "local": root / "local"}
+
+
+def _assert_local_maps(out: Path, local: Path) -> None:
+    for name in STATS_MAPS:
+        ours = nib.load(str(out / f"{name}.nii.gz")).get_fdata()
+        ref = nib.load(str(local / f"{name}.nii.gz")).get_fdata()
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+GROUPDIFF = ("groupdiff", "--group", "group", "--covariates", "age,sex", "--block", 5)
+
+
+def test_stats_mpi_backend_under_srun_on_two_nodes_gives_the_local_maps(slurm_two_nodes, stats_inputs, tmp_path):
     # Scheduler on rank 0 (node1), the statistics on rank 1, workers on ranks 2-3 (node2).
-    argv = ["srun", "--nodes", 2, "--ntasks-per-node", 2, *HPCDIFF, "stats", "groupdiff", shards, "--group", "group"]
-    args = ("--covariates", "age,sex", "--block", 5, "--backend", "mpi", "--out", tmp_path / "mpi")
-    proc = slurm_two_nodes.run([*argv, *args], timeout=600)
+    argv = ["srun", "--nodes", 2, "--ntasks-per-node", 2, *HPCDIFF, "stats", *GROUPDIFF, stats_inputs["shards"]]
+    proc = slurm_two_nodes.run([*argv, "--backend", "mpi", "--out", tmp_path / "mpi"], timeout=600)
     assert_ok(proc)
     assert "dask-mpi on interface eth0 (2 hosts)" in proc.stderr  # not loopback: the workers are on node2
-    for name in ("t", "p", "d", "t_age", "mask"):
-        ours = nib.load(str(tmp_path / "mpi" / f"{name}.nii.gz")).get_fdata()
-        ref = nib.load(str(tmp_path / "local" / f"{name}.nii.gz")).get_fdata()
-        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9, err_msg=name)
+    _assert_local_maps(tmp_path / "mpi", stats_inputs["local"])
+
+
+def test_stats_slurm_backend_with_workers_on_the_nodes_gives_the_local_maps(slurm_two_nodes, stats_inputs, tmp_path):
+    # The scheduler runs here, on the login node (the bridge's .254); the worker jobs run on node1/node2, where
+    # 127.0.0.1 is the node's own loopback: a loopback scheduler would never see a worker.
+    out = tmp_path / "slurm out"
+    args = ("--backend", "slurm", "--workers", 2, "--out", out)
+    proc = hpcdiff("stats", *GROUPDIFF, stats_inputs["shards"], *args, timeout=400, env=slurm_two_nodes.env)
+    assert_ok(proc)
+    _assert_local_maps(out, stats_inputs["local"])
+
+    # Memory from the grid and the block, as the estimate says, and in the job script Slurm got.
+    memory = worker_memory(math.prod(SHAPE), block=5)
+    assert f"Slurm worker jobs: {memory / 1e9:.2f} GB each" in proc.stderr, proc.stderr
+    assert f"#SBATCH --mem={slurm_format_bytes_ceil(memory)}" in proc.stderr
+    assert f"--memory-limit {format_bytes(memory).replace(' ', '')}" in proc.stderr  # the worker's own limit
+    # Worker logs on the shared file system, beside the outputs: each worker started on a node's bridge address
+    # and registered with the scheduler on this host's bridge address.
+    logs = [p.read_text() for p in sorted((out / ".hpcdiff" / "dask-workers").glob("*.err"))]
+    assert len(logs) == 2, logs
+    nodes = set(slurm_two_nodes.node_addresses().values())
+    bridge = next(iter(nodes)).rsplit(".", 1)[0]
+    for text in logs:
+        started = re.search(r"Start worker at:\s+tcp://([\d.]+):", text).group(1)
+        assert started in nodes, text
+        assert re.search(rf"Registered to:\s+tcp://{re.escape(bridge)}\.254:", text), text

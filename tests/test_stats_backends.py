@@ -4,7 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from hpcdiff.errors import UsageError
 from hpcdiff.stats import BackendOptions, backend, run_groupdiff, run_template
+from hpcdiff.stats.backend import WORKER_BASE_BYTES, _log_directives, _scheduler_host, worker_memory
 from tests.harness import PYTHON, assert_ok, hpcdiff, mpirun, run
 from tests.stats_data import write_cohort_shards
 
@@ -100,3 +102,35 @@ def test_slurm_cluster_backend_gives_the_same_maps(slurm_cluster, shards, refere
     )
     assert_ok(proc)
     _same_maps(out, reference)
+
+
+def test_slurm_worker_memory_follows_the_grid_and_the_block():
+    small = worker_memory(12 * 14 * 12, block=5)
+    assert WORKER_BASE_BYTES < small < WORKER_BASE_BYTES + (4 << 20)
+    voxels = 96 * 112 * 96
+    # Above the peaks measured for groupdiff at this grid (0.66-0.72 GB, docs/benchmarks.md), and no fixed 2 GB.
+    assert 0.72e9 < worker_memory(voxels, block=2) < worker_memory(voxels) < 2e9
+    assert worker_memory(2 * voxels) > worker_memory(voxels)
+
+
+def test_slurm_worker_logs_are_quoted_for_sbatch(tmp_path):
+    folder = tmp_path / "logs with space %x"
+    assert _log_directives(str(folder)) == [
+        f'--output="{tmp_path}/logs with space %%x/%j.out"',
+        f'--error="{tmp_path}/logs with space %%x/%j.err"',
+    ]
+    assert folder.is_dir()
+    with pytest.raises(UsageError, match="double quotes"):
+        _log_directives(str(tmp_path / 'a"b'))
+
+
+def test_slurm_scheduler_address(tmp_path, monkeypatch):
+    # A fake sinfo beside the real-Slurm tests: it answers what a one-node local Slurm's answers.
+    fake = tmp_path / "sinfo"
+    fake.write_text("#!/bin/sh\necho 127.0.0.1\necho localhost\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert _scheduler_host(BackendOptions()) == "127.0.0.1"  # every node is this host: loopback is right
+    fake.unlink()
+    with pytest.raises(UsageError, match="--interface"):
+        _scheduler_host(BackendOptions(partition="gpu"))

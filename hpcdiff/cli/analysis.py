@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpcdiff.cli.common import Parser, add_task_options, positive
+
+if TYPE_CHECKING:
+    from hpcdiff.stats import BackendOptions
 
 
 # ---------------------------------------------------------------- stats
@@ -48,8 +52,9 @@ def add_stats(sub: argparse._SubParsersAction) -> None:
         )
         q.add_argument(
             "--interface",
-            help="network interface of the dask scheduler and workers, e.g. ib0 (default: slurm lo; mpi: lo on one "
-            "host, else the interface of the address the other hosts reach)",
+            help="network interface of the dask scheduler and workers, e.g. ib0 (default: slurm: the address the "
+            "partition's nodes reach, lo when they are all this host; mpi: lo on one host, else the interface of "
+            "the address the other hosts reach)",
         )
         q.add_argument("--mask-threshold", type=float, default=0.05, help="mask: template mean > this x max")
         q.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -64,6 +69,8 @@ def _run_stats(args: argparse.Namespace) -> int:
     backend_opts = stats.BackendOptions(
         workers=args.workers, partition=args.partition, walltime=args.walltime, interface=args.interface
     )
+    if args.backend == "slurm":
+        _size_slurm_workers(backend_opts, getattr(args, "shards", None) or args.real, args.block, args.out)
     listed = getattr(args, "covariates", None)
     cov = [c.strip() for c in listed.split(",") if c.strip()] if listed else []
     levels = args.levels.split(",") if getattr(args, "levels", None) else None
@@ -87,6 +94,17 @@ def _run_stats(args: argparse.Namespace) -> int:
     else:
         print(f"stats {args.action}: wrote {Path(args.out) / 'summary.json'} ({summary['seconds']:.1f} s)")
     return 0
+
+
+def _size_slurm_workers(opts: BackendOptions, shards: str, block: int | None, out: str) -> None:
+    """Worker memory from the shards' grid and the block; worker logs beside the outputs (a shared folder)."""
+    import math
+
+    from hpcdiff.stats.source import open_shards
+
+    opts.num_voxels = math.prod(open_shards(shards).shape)
+    opts.block = block
+    opts.log_dir = str(Path(out).absolute() / ".hpcdiff" / "dask-workers")
 
 
 # ---------------------------------------------------------------- stats randomise

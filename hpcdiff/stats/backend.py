@@ -3,7 +3,10 @@
 - ``local``: dask's threaded scheduler in this process (default); ``synchronous``: one thread, for debugging.
 - ``distributed``: a LocalCluster of worker *processes* on loopback.
 - ``slurm``: a dask-jobqueue SLURMCluster; each worker is a Slurm job running this Python (the venv's), with the
-  environment (PYTHONPATH, HDF5_PLUGIN_PATH) exported in the job script.
+  environment (PYTHONPATH, HDF5_PLUGIN_PATH) exported in the job script. The scheduler runs in this process and
+  listens on the address of its route to the partition's nodes (loopback only when every node is this host), so
+  workers on other nodes reach it; the worker jobs' logs go to a folder on the shared file system, and their
+  memory is sized from the grid and the block (``worker_memory``), not a fixed amount.
 - ``mpi``: dask-mpi under ``mpirun -n N`` (N >= 3): rank 0 runs the scheduler, ranks >= 2 the workers (they
   exit inside this context manager when the client is done), rank 1 runs the statistics.
 
@@ -16,6 +19,7 @@ import contextlib
 import logging
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +29,8 @@ from typing import Literal
 import dask
 
 from hpcdiff.errors import ConfigError, UsageError
+from hpcdiff.stats.reduce import SPLIT_EVERY
+from hpcdiff.stats.source import block_for
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,48 @@ class BackendOptions:
     timeout_s: float = 300.0
     """how long to wait for workers to join before giving up."""
     interface: str | None = None
-    """network interface of the scheduler and workers (e.g. "ib0"). None: for slurm "lo"; for mpi "lo" when every
-    rank is on one host, else on each rank the interface of its address that the other hosts reach."""
+    """network interface of the scheduler and workers (e.g. "ib0"). None: for slurm the scheduler listens on the
+    address of its route to the partition's nodes (loopback when they are all this host) and each worker on the
+    address of its route to the scheduler; for mpi "lo" when every rank is on one host, else on each rank the
+    interface of its address that the other hosts reach."""
     job_extra: list[str] = field(default_factory=list)
     """extra #SBATCH directives, e.g. ["--account=abc"]."""
+    num_voxels: int | None = None
+    """voxels per volume of the shards analysed: sizes the memory of Slurm workers (None: a 1 mm MNI grid)."""
+    block: int | None = None
+    """subjects per dask task, as the statistics read them (None: ``block_for`` the grid)."""
+    log_dir: str | None = None
+    """folder of the Slurm worker jobs' logs, on a file system this host and the nodes share (None:
+    ``.hpcdiff/dask-workers`` in the current folder)."""
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"workers must be >= 1 (--workers), got {self.workers}")
+
+
+MNI_1MM_VOXELS = 182 * 218 * 182
+"""Voxels of the 1 mm MNI grid: what worker memory is sized for when the grid is not known."""
+WORKER_BASE_BYTES = 512 << 20
+"""A worker process before any data: Python, numpy, torch, h5py, distributed (measured 0.37-0.60 GB resident)."""
+BLOCK_COPIES = 3
+"""Copies of one task's float64 block alive at once: the stored float16 read, its float64 copy, a centred copy."""
+SUMMARY_MAPS = 10
+"""Per-voxel float64 maps in the largest block summary (groupdiff: GLM sums and two groups' moments)."""
+
+
+def worker_memory(num_voxels: int, block: int | None = None) -> int:
+    """Bytes a one-thread dask worker needs for statistics over volumes of ``num_voxels`` voxels.
+
+    The same estimate that sizes the blocks of every backend (``block_for``): a task holds its block of volumes in
+    float64 a few times over, and a merge holds ``SPLIT_EVERY`` summaries plus its result. Summaries are counted
+    over the whole grid (the mask is not known before the data are read), so this is an upper bound: measured
+    peaks were 0.38 GB for 16 thousand voxels and 0.72 GB for a million, estimates 0.55 and 1.7 GB
+    (bench/bench_stats_worker.py).
+    """
+    block = block or block_for(num_voxels)
+    block_bytes = BLOCK_COPIES * 8 * block * num_voxels
+    summary_bytes = (SPLIT_EVERY + 1) * SUMMARY_MAPS * 8 * num_voxels
+    return WORKER_BASE_BYTES + block_bytes + summary_bytes
 
 
 def _worker_env() -> dict[str, str]:
@@ -117,7 +157,7 @@ def backend(name: str, options: BackendOptions | None = None) -> Iterator[str]:
                 client.wait_for_workers(opts.workers, timeout=opts.timeout_s)
                 yield name
         elif name == "slurm":
-            with _slurm_cluster(opts, tmp) as cluster, Client(cluster) as client:
+            with _slurm_cluster(opts) as cluster, Client(cluster) as client:
                 client.wait_for_workers(opts.workers, timeout=opts.timeout_s)
                 yield name
         else:
@@ -126,35 +166,83 @@ def backend(name: str, options: BackendOptions | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _slurm_cluster(opts: BackendOptions, tmp: str) -> Iterator[object]:
+def _slurm_cluster(opts: BackendOptions) -> Iterator[object]:
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as e:
         raise UsageError("backend 'slurm' needs dask-jobqueue: pip install dask-jobqueue") from e
     env = _worker_env()
+    memory = worker_memory(opts.num_voxels or MNI_1MM_VOXELS, opts.block)
+    log_dir = os.path.abspath(opts.log_dir or os.path.join(".hpcdiff", "dask-workers"))
+    # An interface names the scheduler's and the workers' network; without one the scheduler takes the address
+    # the nodes reach, and each worker the address of its own route back to it.
+    where = {"interface": opts.interface} if opts.interface else {"scheduler_options": {"host": _scheduler_host(opts)}}
     cluster = SLURMCluster(
         cores=1,
         processes=1,
-        memory="2GB",
+        memory=f"{memory}B",
         walltime=opts.walltime,
         queue=opts.partition,
         python=sys.executable,
-        interface=opts.interface or "lo",
-        local_directory=tmp,
-        log_directory=os.path.join(tmp, "hpcdiff-dask-slurm"),
         job_name="hpcdiff-stats",
-        # A local Slurm may declare little memory; the worker's own limit is what keeps it in bounds.
-        job_directives_skip=["--mem"],
-        job_extra_directives=["--export=ALL", *opts.job_extra],
+        job_extra_directives=["--export=ALL", *_log_directives(log_dir), *opts.job_extra],
         job_script_prologue=[f"export {k}={_quote(v)}" for k, v in env.items()],
         death_timeout=opts.timeout_s,
+        **where,
     )
-    log.info("Slurm worker job script:\n%s", cluster.job_script())
+    log.info(
+        "Slurm worker jobs: %.2f GB each, logs in %s; job script:\n%s", memory / 1e9, log_dir, cluster.job_script()
+    )
     try:
         cluster.scale(jobs=opts.workers)
         yield cluster
     finally:
         cluster.close()
+
+
+def _log_directives(log_dir: str) -> list[str]:
+    """sbatch --output/--error into ``log_dir``, quoted: sbatch splits #SBATCH lines at spaces outside quotes
+    (dask-jobqueue's own log_directory is written unquoted, so a folder with a space lost every worker's log)."""
+    if '"' in log_dir or "\n" in log_dir:
+        raise UsageError(f"the worker log folder {log_dir!r} may not contain double quotes: choose another --out")
+    os.makedirs(log_dir, exist_ok=True)
+    escaped = log_dir.replace("%", "%%")
+    return [f'--output="{escaped}/%j.out"', f'--error="{escaped}/%j.err"']
+
+
+def _scheduler_host(opts: BackendOptions) -> str:
+    """The address of this host that the partition's nodes reach: loopback only when every node is this host."""
+    from hpcdiff.dist import reachable_address
+
+    addresses = _node_addresses(opts.partition)
+    if all(_is_loopback(a) for a in addresses):
+        return "127.0.0.1"
+    try:
+        return reachable_address(socket.gethostname(), addresses)
+    except RuntimeError as e:
+        raise UsageError(f"{e}; or name the network with --interface NAME (e.g. ib0)") from e
+
+
+def _node_addresses(partition: str | None) -> list[str]:
+    """NodeAddr of every node of ``partition`` (all partitions when None), as sinfo reports them."""
+    argv = ["sinfo", "-h", "-N", "-o", "%o", *(["-p", partition] if partition else [])]
+    fix = "check --partition against sinfo -s, or name the scheduler's network with --interface NAME"
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UsageError(f"backend 'slurm': could not list the nodes with {' '.join(argv)} ({e}); {fix}") from e
+    addresses = list(dict.fromkeys(proc.stdout.split()))
+    if proc.returncode != 0 or not addresses:
+        why = proc.stderr.strip() or "no nodes"
+        raise UsageError(f"backend 'slurm': {' '.join(argv)} exited {proc.returncode} ({why}); {fix}")
+    return addresses
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return all(i[4][0].startswith("127.") for i in socket.getaddrinfo(address, None, socket.AF_INET))
+    except OSError:
+        return False
 
 
 def _quote(value: str) -> str:

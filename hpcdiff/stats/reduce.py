@@ -15,6 +15,9 @@ import dask
 import dask.array as da
 import numpy as np
 
+SPLIT_EVERY = 8
+"""Summaries merged per reduction task: what one merge holds in memory at once (plus its result)."""
+
 
 def _merge(*parts: Any) -> Any:
     out = parts[0]
@@ -28,7 +31,7 @@ def reduce_blocks(
     summarise: Callable[..., Any],
     side: Sequence[np.ndarray] = (),
     shared: Sequence[Any] = (),
-    split_every: int = 8,
+    split_every: int = SPLIT_EVERY,
 ) -> Any:
     """Summarise every block of rows and merge the summaries; computed on the active dask scheduler.
 
