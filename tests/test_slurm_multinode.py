@@ -26,7 +26,7 @@ from dask_jobqueue.slurm import slurm_format_bytes_ceil
 
 from hpcdiff import checkpoint
 from hpcdiff.atomic import file_sha256
-from hpcdiff.launch.slurm import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
+from hpcdiff.launch.slurm.sbatch import JobScript, SlurmOptions, hpcdiff_argv, output_pattern, write_script
 from hpcdiff.stats import backend, run_groupdiff
 from hpcdiff.stats.backend import worker_memory
 from tests.datagen import blob_shards, job_yaml
