@@ -104,15 +104,15 @@ def test_two_ranks_and_two_array_tasks_give_the_same_bytes(trained, reference, t
     assert _digests(two) == _digests(reference)
 
     tasks = tmp_path / "tasks"
-    # Task 0 runs as 2 ranks (2 array tasks x 2 ranks), task 1 as one process.
-    argv = [*HPCDIFF, "sample", "--run-dir", trained["run"], "--out", tasks, *SMALL, "--task", 0, "--num-tasks", 2]
-    first = mpirun(2, argv, timeout=600)
+    # 2 array tasks x 2 ranks: workers 0-1 (task 0) and 2-3 (task 1) of 4 take shards 0, 1 and 2.
+    argv = [*HPCDIFF, "sample", "--run-dir", trained["run"], "--out", tasks, *SMALL]
+    first = mpirun(2, [*argv, "--task", 0, "--num-tasks", 2], timeout=600)
     assert_ok(first)
-    assert sorted(p.name for p in tasks.glob("*.h5")) == ["shard-00000.h5", "shard-00002.h5"]
+    assert sorted(p.name for p in tasks.glob("*.h5")) == ["shard-00000.h5", "shard-00001.h5"]
     assert not (tasks / "manifest.json").exists() and "still missing" in first.stdout
     # The second task learns its index from Slurm's array variables (an array numbered from 4).
     slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "4", "SLURM_ARRAY_TASK_COUNT": "2"}
-    second = hpcdiff("sample", "--run-dir", trained["run"], "--out", tasks, *SMALL, env=slurm, timeout=600)
+    second = mpirun(2, argv, env=slurm, timeout=600)
     assert_ok(second)
     assert "manifest written" in second.stdout
     assert _digests(tasks) == _digests(reference)
