@@ -5,7 +5,7 @@ them) at ``--shape`` for each of ``--subjects``; each command runs in a fresh pr
 peak RSS. Keep the counts small on a shared machine: before blocks, quality's float64 baseline alone took ~35 GB at
 256 subjects of 1 mm.
 
-    .venv/bin/python bench/bench_memory.py --subjects 32 64 --shape 160 224 160
+    .venv/bin/python bench/bench_memory.py --subjects 32 64 --shape 160 224 160 [--commands groupdiff]
 """
 
 from __future__ import annotations
@@ -40,23 +40,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subjects", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--shape", type=int, nargs=3, default=[160, 224, 160])
+    parser.add_argument("--commands", nargs="+", choices=["quality", "groupdiff"], default=["quality", "groupdiff"])
     parser.add_argument("--workdir", type=Path, default=None, help="kept when given; a temporary one otherwise")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-memory-"))
     shape = tuple(args.shape)
-    print(f"shape {shape}, {os.cpu_count()} CPUs; peak RSS of a fresh process (MiB), seconds")
+    print(f"shape {shape}, {os.cpu_count()} CPUs; peak RSS of a fresh process (MiB), seconds", flush=True)
     print(f"{'subjects':>8s} {'quality':>18s} {'stats groupdiff':>18s}")
     try:
         for n in args.subjects:
             root = work / f"shards-{n}"
             make_shards(root, n, shape, per_shard=16)
-            quality = peak(["quality", str(root), str(root), "--out", str(work / f"q{n}")])
-            groupdiff = peak(
-                ["stats", "groupdiff", str(root), "--group", "group", "--covariates", "age,sex"]
-                + ["--out", str(work / f"g{n}")]
-            )
-            cells = [f"{mib:7.0f} MiB {s:5.0f} s" for mib, s in (quality, groupdiff)]
-            print(f"{n:8d} {cells[0]:>18s} {cells[1]:>18s}")
+            argv = {
+                "quality": ["quality", str(root), str(root), "--out", str(work / f"q{n}")],
+                "groupdiff": ["stats", "groupdiff", str(root), "--group", "group", "--covariates", "age,sex"]
+                + ["--out", str(work / f"g{n}")],
+            }
+            cells = []
+            for name in ("quality", "groupdiff"):
+                if name in args.commands:
+                    mib, seconds = peak(argv[name])
+                    cells.append(f"{mib:7.0f} MiB {seconds:5.0f} s")
+                else:
+                    cells.append("not run")
+            print(f"{n:8d} {cells[0]:>18s} {cells[1]:>18s}", flush=True)
     finally:
         if args.workdir is None:
             shutil.rmtree(work)

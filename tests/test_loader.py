@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpcdiff.data.loader import Loader, slice_indices, stream_indices
+from hpcdiff.data.loader import Loader, _Buffers, slice_indices, stream_indices
 from hpcdiff.data.shards import ShardSet, shard_name, write_manifest, write_shard
 from tests.harness import PYTHON, ROOT, assert_ok, mpirun
 
@@ -174,3 +174,27 @@ def test_loader_under_mpirun_resumed_on_another_world_size(shard_dir, tmp_path):
     stream = [by_position[p] for p in sorted(by_position)]
     for e in range(len(stream) // N):
         assert Counter(stream[e * N : (e + 1) * N]) == Counter(range(N))
+
+
+def test_batches_in_use_keep_their_values_and_dropped_ones_lend_their_memory(shard_dir):
+    """Batch arrays are reused (no fresh pages per batch) only once no tensor of them is left."""
+    pool = _Buffers((2, 1, 4), keep=2)
+    first = pool.take()
+    owner = first.base
+    tensor = torch.from_numpy(first)
+    del first
+    assert pool.take().base is not owner  # a tensor still uses it
+    del tensor
+    assert pool.take().base is owner  # the last tensor went: its memory is lent again
+    shards = ShardSet.open(shard_dir)
+    with Loader(shards, batch_size=2, rank=0, world_size=1, seed=3, prefetch=2) as ld:
+        it = iter(ld)
+        held = [next(it) for _ in range(8)]
+        values = [b.x.clone() for b in held]
+        for _ in range(8):
+            next(it)  # batches dropped at once: their memory goes back to the pool and is reused
+        assert all(torch.equal(b.x, v) for b, v in zip(held, values))
+    direct = Loader(shards, batch_size=2, rank=0, world_size=1, seed=3, prefetch=0)
+    expected = [b.x for b in islice(iter(direct), 24)]
+    again = Loader(shards, batch_size=2, rank=0, world_size=1, seed=3, prefetch=2)
+    assert all(torch.equal(b.x, e) for b, e in zip(islice(iter(again), 24), expected))

@@ -166,3 +166,56 @@ def test_subjects_per_task_follow_the_grid():
     assert block_for(one_mm) >= 1 and block_for(one_mm) * one_mm * 8 <= BLOCK_BYTES
     assert block_for(48 * 56 * 48) == MAX_BLOCK
     assert block_for(10**12) == 1
+
+
+def test_reduction_holds_a_constant_number_of_blocks_and_summaries(tmp_path, monkeypatch):
+    """Blocks read and summaries alive at once do not grow with the subjects (8 vs 48 blocks), on real shards."""
+    import threading
+    import weakref
+
+    import dask
+
+    from hpcdiff.data.shards import ShardSet
+    from hpcdiff.stats import source
+    from hpcdiff.stats.reduce import reduce_blocks
+    from hpcdiff.stats.source import VoxelBlocks
+    from tests.stats_data import write_cohort_shards
+
+    write_cohort_shards(tmp_path, num_subjects=48, per_shard=16)
+    shards = ShardSet.open(tmp_path)
+    lock, live, peak = threading.Lock(), [0], [0]
+
+    def release() -> None:
+        with lock:
+            live[0] -= 1
+
+    def track(obj: object) -> None:
+        with lock:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        weakref.finalize(obj, release)
+
+    read_block = source._read_block
+
+    def tracked_read(*args: object) -> np.ndarray:
+        y = read_block(*args)
+        track(y)
+        return y
+
+    monkeypatch.setattr(source, "_read_block", tracked_read)
+
+    def summarise(y: np.ndarray) -> Moments:
+        m = Moments.from_block(y)
+        track(m.mean)
+        return m
+
+    peaks = {}
+    for n in (8, 48):
+        peak[0] = 0
+        with dask.config.set(scheduler="threads", num_workers=2):
+            m = reduce_blocks(VoxelBlocks(shards, np.arange(n), block=1), summarise)
+        volumes = shards.read_many(range(n), dtype=np.float64).reshape(n, -1)
+        np.testing.assert_allclose(m.mean, volumes.mean(0), atol=1e-12)
+        peaks[n] = peak[0]
+    # Two lanes: each holds its running summary, and a running task its block and that block's summary.
+    assert peaks[48] <= 6 and peaks[8] <= 6, peaks

@@ -1,8 +1,9 @@
 """Whole-volume chunks read at the speed of the disk: HDF5's LZ4 filter decoded here instead of inside HDF5.
 
 HDF5's chunk path decodes one chunk at a time on one thread, behind h5py's global lock, at a fraction of what
-the disk delivers. The stored bytes of a chunk come back at full speed with ``read_direct_chunk``, and the LZ4
-filter's layout is simple (filter 32004 of hdf5plugin, src/LZ4/H5Zlz4.c), so this module decodes it with the
+the disk delivers. HDF5 says where a chunk's stored bytes lie; they are read with ``preadv`` on the file's own
+descriptor, outside that lock (``read_direct_chunk`` when there is no descriptor), and the LZ4 filter's layout is
+simple (filter 32004 of hdf5plugin, src/LZ4/H5Zlz4.c), so this module decodes it with the
 ``lz4`` binding, which releases the GIL: several volumes decode on several threads. A chunk stored as one raw
 block (noisy volumes do not compress) is read by ``preadv`` straight into the caller's array, with no copy in
 between. Anything else (another filter, a filter the writer skipped, a chunk that is not one whole volume) goes
@@ -139,7 +140,15 @@ class ChunkReader:
         scratch = getattr(_SCRATCH, "buffer", None)
         if scratch is None or scratch.nbytes < info.size:
             scratch = _SCRATCH.buffer = np.empty(info.size, dtype=np.uint8)
-        _, data = self.dset.id.read_direct_chunk(coord, out=scratch[: info.size])
+        stored = scratch[: info.size]
+        if self._fd >= 0:
+            # Our own pread, outside h5py's global lock: threads read (and wait on the disk) at the same time.
+            got = os.preadv(self._fd, [stored], info.byte_offset)
+            if got != info.size:
+                raise ShardError(f"{where}: short read of a chunk at byte {info.byte_offset} ({got} bytes)")
+            data: bytes | memoryview | np.ndarray = stored
+        else:
+            _, data = self.dset.id.read_direct_chunk(coord, out=stored)
         decode_lz4_chunk(data, out, where)
 
     def _read_raw(self, offset: int, out: np.ndarray) -> bool:

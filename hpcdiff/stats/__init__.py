@@ -21,7 +21,7 @@ from hpcdiff.stats.permtail import TailFit, fit_tail
 from hpcdiff.stats.permute import FreedmanLane, permutation, permuted_statistics
 from hpcdiff.stats.prepare import StatsOptions
 from hpcdiff.stats.randomise import RandomiseOptions, run_randomise
-from hpcdiff.stats.source import voxel_array
+from hpcdiff.stats.source import VoxelBlocks, voxel_array
 from hpcdiff.stats.tfce import TFCEOptions, tfce
 from hpcdiff.stats.zscore import normative_z, run_zscore
 
@@ -63,6 +63,7 @@ __all__ = [
     "template",
     "tfce",
     "two_sided_p",
+    "VoxelBlocks",
     "voxel_array",
     "welch_t",
 ]

@@ -15,9 +15,10 @@ from hpcdiff.stats.design import Design
 from hpcdiff.stats.glm import SufficientStats, fdr_bh, fit, two_sided_p, welch_t
 from hpcdiff.stats.moments import Moments
 from hpcdiff.stats.reduce import reduce_blocks
+from hpcdiff.stats.source import VoxelBlocks
 
 
-def template(y: da.Array) -> Moments:
+def template(y: da.Array | VoxelBlocks) -> Moments:
     """Voxelwise moments over all rows of ``y`` (n, V)."""
     return reduce_blocks(y, Moments.from_block)
 
@@ -45,12 +46,12 @@ def _summarise_glm(y: np.ndarray, x: np.ndarray, shift: np.ndarray) -> Sufficien
     return SufficientStats.from_block(x, np.asarray(y, dtype=np.float64) - shift)
 
 
-def glm_sums(y: da.Array, design: Design, shift: np.ndarray) -> SufficientStats:
+def glm_sums(y: da.Array | VoxelBlocks, design: Design, shift: np.ndarray) -> SufficientStats:
     """Sufficient statistics of ``design`` over rows of ``y`` (n, V) (rows already those of the design)."""
     return reduce_blocks(y, _summarise_glm, side=[design.x], shared=[shift])
 
 
-def group_stats(y: da.Array, design: Design, shift: np.ndarray) -> GroupStats:
+def group_stats(y: da.Array | VoxelBlocks, design: Design, shift: np.ndarray) -> GroupStats:
     """GLM sums plus per-group moments of (y - shift) in one pass; ``design`` must model a group."""
     sums, m0, m1 = reduce_blocks(y, _summarise, side=[design.x, design.group_of_row], shared=[shift])
     return GroupStats(sums, m0, m1)
@@ -88,7 +89,7 @@ def group_maps(stats: GroupStats, design: Design, pooled: bool = False) -> tuple
     return maps, test
 
 
-def residual_variance(y: da.Array, design: Design, shift: np.ndarray) -> tuple[np.ndarray, int]:
+def residual_variance(y: da.Array | VoxelBlocks, design: Design, shift: np.ndarray) -> tuple[np.ndarray, int]:
     """Residual variance RSS / (n - p) per voxel after fitting ``design``, and its degrees of freedom."""
     glm = fit(glm_sums(y, design, shift))
     return glm.sigma2, glm.df

@@ -45,7 +45,7 @@ def run_template(root: str | Path, out: str | Path, options: StatsOptions | None
 
 def group_difference(prep: Prepared, design: Design, pooled: bool = False) -> tuple[dict[str, np.ndarray], str]:
     """Group maps (masked) of a prepared cohort; one more pass over the shards."""
-    stats = group_stats(prep.voxels(), design, prep.shift)
+    stats = group_stats(prep.blocks(), design, prep.shift)
     maps, test = group_maps(stats, design, pooled)
     maps["group0_mean"] = stats.group0.mean + prep.shift
     maps["group1_mean"] = stats.group1.mean + prep.shift
@@ -120,7 +120,7 @@ def run_gamma(
     design = load_design(root, covariates=covariates)
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(root, options, design.rows)
-    sigma2, df = residual_variance(prep.voxels(), design, prep.shift)
+    sigma2, df = residual_variance(prep.blocks(), design, prep.shift)
     prep.save(out, "residual_variance", sigma2)
     prep.save_slices(out, "residual_variance", sigma2, "residual variance", symmetric=False)
     overall = fit_gamma(sigma2)

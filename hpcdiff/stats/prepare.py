@@ -19,7 +19,7 @@ from hpcdiff.stats.analysis import brain_mask, template
 from hpcdiff.stats.design import Design, build_design
 from hpcdiff.stats.moments import Moments
 from hpcdiff.stats.outputs import save_map
-from hpcdiff.stats.source import open_shards, unflatten, voxel_array
+from hpcdiff.stats.source import VoxelBlocks, open_shards, unflatten, voxel_array
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,11 @@ class Prepared:
         self.passes += 1
         return voxel_array(self.shards, self.rows, self.mask, self.block)
 
+    def blocks(self) -> VoxelBlocks:
+        """The masked voxels of ``rows`` read block by block inside the reduction's tasks; one more pass."""
+        self.passes += 1
+        return VoxelBlocks(self.shards, self.rows, self.mask, self.block)
+
     def save(self, out: Path, name: str, values: np.ndarray) -> None:
         """Save a masked map (V,) as ``out/name.nii.gz`` (``t_sex[M]`` becomes ``t_sex-M``)."""
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
@@ -98,7 +103,7 @@ def prepare(root: str | Path, options: StatsOptions, rows: np.ndarray | None = N
     started = time.perf_counter()
     shards = open_shards(root)
     rows = np.arange(shards.num_subjects) if rows is None else np.asarray(rows)
-    moments = template(voxel_array(shards, rows, None, options.block))
+    moments = template(VoxelBlocks(shards, rows, None, options.block))
     mask = brain_mask(moments.mean, moments.std(), options.mask_threshold)
     log.info("%s: template over %d subjects, %d voxels in the mask", root, rows.size, int(mask.sum()))
     return Prepared(shards, rows, moments, mask, options.block, started=started)

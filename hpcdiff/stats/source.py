@@ -43,29 +43,56 @@ def _read_block(shards: ShardSet, rows: np.ndarray, mask: np.ndarray | None) -> 
     return volumes if mask is None else volumes[:, mask]
 
 
-def voxel_array(
-    shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int | None = None
-) -> da.Array:
-    """The volumes of ``rows`` as a lazy (n, V) float16 dask array (the stored values) chunked by ``block`` subjects.
+class VoxelBlocks:
+    """The masked voxels of ``rows`` as blocks of subjects, each read by whichever task needs it.
+
+    A reduction that holds this (one graph key: the ShardSet travels without handles) reads a block inside the
+    task that summarises it, so no scheduler can read blocks ahead of the tasks that consume them: memory is set
+    by the number of tasks running, never by the number of subjects.
 
     Args:
         shards: the shard set to read.
         rows: global subject indices, shape (n,); all subjects when None.
         mask: boolean mask over the flattened grid, shape (D*H*W,); every voxel when None.
-        block: subjects per task; None sizes it from the grid (``block_for``).
+        block: subjects per block; None sizes it from the grid (``block_for``).
     """
-    rows = np.arange(shards.num_subjects) if rows is None else np.asarray(rows, dtype=np.int64)
-    block = block or block_for(int(np.prod(shards.shape)))
-    num_voxels = int(np.prod(shards.shape)) if mask is None else int(mask.sum())
-    # Wrapping once makes the ShardSet and the mask single graph keys, shipped to each worker once, not per task.
-    shards_d = dask.delayed(shards, pure=True)
-    mask_d = None if mask is None else dask.delayed(mask, pure=True)
-    parts = []
-    for start in range(0, rows.size, block):
-        chunk = rows[start : start + block]
-        part = dask.delayed(_read_block, pure=True)(shards_d, chunk, mask_d)
-        parts.append(da.from_delayed(part, shape=(chunk.size, num_voxels), dtype=np.float16))
-    return da.concatenate(parts, axis=0)
+
+    def __init__(
+        self, shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int | None = None
+    ) -> None:
+        self.shards = shards
+        self.rows = np.arange(shards.num_subjects) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.mask = mask
+        self.block = block or block_for(int(np.prod(shards.shape)))
+        self.num_voxels = int(np.prod(shards.shape)) if mask is None else int(mask.sum())
+        self.bounds = np.array([*range(0, self.rows.size, self.block), self.rows.size], dtype=np.int64)
+
+    def __len__(self) -> int:
+        """Number of blocks."""
+        return len(self.bounds) - 1
+
+    def read(self, i: int) -> np.ndarray:
+        """Block ``i`` as stored: float16, shape (rows in the block, num_voxels)."""
+        return _read_block(self.shards, self.rows[self.bounds[i] : self.bounds[i + 1]], self.mask)
+
+    def array(self) -> da.Array:
+        """The blocks as a lazy (n, V) float16 dask array, one chunk per block."""
+        # Wrapping once makes the ShardSet and the mask single graph keys, shipped to each worker once, not per task.
+        shards_d = dask.delayed(self.shards, pure=True)
+        mask_d = None if self.mask is None else dask.delayed(self.mask, pure=True)
+        parts = []
+        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+            part = dask.delayed(_read_block, pure=True)(shards_d, self.rows[lo:hi], mask_d)
+            parts.append(da.from_delayed(part, shape=(int(hi - lo), self.num_voxels), dtype=np.float16))
+        return da.concatenate(parts, axis=0)
+
+
+def voxel_array(
+    shards: ShardSet, rows: np.ndarray | None = None, mask: np.ndarray | None = None, block: int | None = None
+) -> da.Array:
+    """The volumes of ``rows`` as a lazy (n, V) float16 dask array (the stored values) chunked by ``block`` subjects
+    (arguments as ``VoxelBlocks``)."""
+    return VoxelBlocks(shards, rows, mask, block).array()
 
 
 def unflatten(values: np.ndarray, mask: np.ndarray, shape: tuple[int, int, int], fill: float = 0.0) -> np.ndarray:

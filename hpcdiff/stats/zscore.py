@@ -77,7 +77,7 @@ def run_zscore(
         raise UsageError(f"subject '{subject}' lacks a value of {covariates} in {root}: choose other --covariates")
     out.mkdir(parents=True, exist_ok=True)
     prep = prepare(root, options, design.rows)
-    sums = glm_sums(prep.voxels(), design, prep.shift)
+    sums = glm_sums(prep.blocks(), design, prep.shift)
     y_s = shards.read_many([int(hits[0])]).reshape(-1)[prep.mask].astype(np.float64) - prep.shift
     z = normative_z(sums, design.x[where[0]], y_s)
     prep.save(out, "z", z)
