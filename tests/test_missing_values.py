@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hpcdiff.data.cohort import make_cohort
+from hpcdiff.data.ingest import ingest
 from hpcdiff.data.loader import Loader
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import DataError
@@ -38,7 +39,7 @@ def shards(tmp_path_factory):
     declared["site"] = {"Description": "scanner site", "Levels": {"1": "north", "2": "south"}}
     (root / "participants.json").write_text(json.dumps(declared))
     out = root.parent / "shards"
-    assert_ok(hpcdiff("ingest", root, "--out", out, "--shape", *SHAPE, "--subjects-per-shard", 5))
+    ingest(root, out, SHAPE, subjects_per_shard=5)
     return ShardSet.open(out, verify=True)
 
 
