@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 
 from hpcdiff.atomic import file_sha256
+from hpcdiff.data.covariates import is_missing
 from hpcdiff.dist import pick_device
 from hpcdiff.launch.local import mpirun_command
 from hpcdiff.nifti import XFORM_CODE, write_nifti
@@ -67,3 +68,10 @@ def test_the_demo_config_lives_in_one_place():
     jobs_demo = ROOT / "jobs" / "demo.yaml"
     assert jobs_demo.is_symlink() and jobs_demo.resolve() == PACKAGE / "resources" / "demo.yaml"
     assert len([p for p in ROOT.rglob("demo.yaml") if ".venv" not in p.parts and not p.is_symlink()]) == 1
+
+
+def test_one_definition_of_a_missing_value():
+    assert is_missing("n/a") and is_missing(" NA ") and is_missing("") and not is_missing("0")
+    # The spelled-out missing markers live in one module; the rest of the package asks it.
+    assert _where(r"[\"']n/a[\"']") == ["hpcdiff/data/covariates.py"]
+    assert _where(r"[\"']nan[\"']\s*[\],}]") == ["hpcdiff/data/covariates.py"]

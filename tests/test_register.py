@@ -1,21 +1,30 @@
 """Registration in ingest: one brain stored in different spaces comes out in one place; inputs already in the
-template's space are left as conform makes them; results are the same at any number of ranks.
+template's space are left as conform makes them; results are the same at any number of ranks and after a kill.
 
 The template is MNI152 at 3 mm (CI time); the brain is nilearn's MNI152 at 1 mm, moved by known transforms, so the
-truth is known: a template point p lies at V @ p in a moved input's world.
+truth is known: a template point p lies at V @ p in a moved input's world. Tests of mechanics (bytes across ranks,
+kill and rerun) register three of the inputs to a 6 mm template: still a real rigid-then-affine registration (each
+result passes the correlation and scale bounds), at a fraction of the cost.
 """
 
 import csv
 import json
+import logging
+import random
 import shutil
+import signal
 
 import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.processing import resample_from_to, resample_to_output
 
+from hpcdiff.batch.hooks import KILL_AFTER
 from hpcdiff.data.cohort import make_cohort
-from hpcdiff.data.shards import QUARANTINE, ShardSet
+from hpcdiff.data.ingest import ingest
+from hpcdiff.data.register import RegisterOptions
+from hpcdiff.data.shards import MANIFEST, QUARANTINE, ShardSet
+from hpcdiff.errors import UsageError
 from tests.harness import HPCDIFF, assert_ok, hpcdiff, mpirun, require_mpi
 
 pytestmark = pytest.mark.slow  # trains models or runs ANTs/mpirun: left out of `make test-quick`
@@ -152,17 +161,65 @@ def test_a_rerun_keeps_registered_shards(moved_bids, registered):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
+# ---------------------------------------------------------------- mechanics, on a coarse registration
+FEW = ("sub-lps", "sub-rotxz", "sub-shift")
+FEW_ARGS = ["--shape", 33, 39, 32, "--spacing", 6.0, "--subjects-per-shard", 1, "--register", "affine"]
+
+
+@pytest.fixture(scope="module")
+def few(moved_bids):
+    """Three of the moved inputs and a 6 mm template: the BIDS root, and the ingest arguments."""
+    from nilearn.datasets import load_mni152_template
+
+    root = moved_bids.parent / "few"
+    for sid in FEW:
+        shutil.copytree(moved_bids / sid, root / sid)
+    rows = (moved_bids / "participants.tsv").read_text().splitlines()
+    (root / "participants.tsv").write_text("\n".join([rows[0], *(r for r in rows if r.split("\t")[0] in FEW)]) + "\n")
+    template = root.parent / "tpl-Test6mm_T1w.nii.gz"
+    _save(template, resample_to_output(load_mni152_template(resolution=2), voxel_sizes=(6.0, 6.0, 6.0), order=1))
+    return root, [*FEW_ARGS, "--template", template]
+
+
+def _files(root):
+    """Every file ingest wrote (not the sliced-job core's own records under .hpcdiff/), with its bytes."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and ".hpcdiff" not in p.relative_to(root).parts
+    }
+
+
+@pytest.fixture(scope="module")
+def few_undisturbed(few, tmp_path_factory):
+    """One process, never stopped: the bytes the other layouts must give."""
+    bids, args = few
+    out = tmp_path_factory.mktemp("few") / "one"
+    assert_ok(hpcdiff("ingest", bids, "--out", out, *args, timeout=900))
+    table = ShardSet.open(out, verify=True).subjects()
+    assert list(table["id"]) == list(FEW) and set(table["registration"]) == {"affine"}
+    assert not any(np.array_equal(json.loads(t), np.eye(4)) for t in table["transform"])
+    return _files(out)
+
+
 @pytest.mark.mpi
-def test_registration_at_two_ranks_gives_the_bytes_of_one(moved_bids, registered, tmp_path):
+def test_registration_at_two_ranks_gives_the_bytes_of_one(few, few_undisturbed, tmp_path):
     require_mpi()
-    one, _ = registered
-    template = moved_bids.parent / "tpl-Test3mm_T1w.nii.gz"
-    proc = mpirun(2, [*HPCDIFF, "ingest", moved_bids, "--out", tmp_path, *ARGS, "--template", template], timeout=900)
-    assert_ok(proc)
-    names = sorted(p.name for p in one.iterdir() if p.suffix == ".h5")
-    assert names and names == sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".h5")
-    for name in names:
-        assert (one / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    bids, args = few
+    assert_ok(mpirun(2, [*HPCDIFF, "ingest", bids, "--out", tmp_path, *args], timeout=900))
+    assert _files(tmp_path) == few_undisturbed
+
+
+def test_registration_killed_after_n_shards_then_rerun_gives_the_undisturbed_bytes(few, few_undisturbed, tmp_path):
+    bids, args = few
+    after = random.Random("kill-register").randint(1, len(FEW) - 1)
+    killed = hpcdiff("ingest", bids, "--out", tmp_path, *args, env={KILL_AFTER: str(after)}, timeout=900)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert len(list((tmp_path / ".hpcdiff" / "records").iterdir())) == after and not (tmp_path / MANIFEST).exists()
+    rerun = hpcdiff("ingest", bids, "--out", tmp_path, *args, timeout=900)
+    assert_ok(rerun)
+    assert f"{len(FEW) - after} written, {after} already complete" in rerun.stdout
+    assert _files(tmp_path) == few_undisturbed, f"killed after {after} shards"
 
 
 @pytest.fixture(scope="module")
@@ -177,19 +234,23 @@ def _images(out):
     return s.read_many(range(len(s))), s.subjects()
 
 
-def test_inputs_in_the_template_space_are_not_registered(cohort, tmp_path):
-    args = ["--shape", 24, 28, 24, "--subjects-per-shard", 2]
-    assert_ok(hpcdiff("ingest", cohort, "--out", tmp_path / "none", *args, "--register", "none"))
-    proc = hpcdiff("ingest", cohort, "--out", tmp_path / "auto", *args)
-    assert_ok(proc)
-    assert "declare MNI152's space (T1w.json SpatialReference): not registered" in proc.stderr
+def _ingest_cohort(bids, out, **register):
+    """Ingest in this process: these inputs need no ANTs, so no child pays the start-up (the CLI is tested above)."""
+    ingest(bids, out, (24, 28, 24), subjects_per_shard=2, register=RegisterOptions(**register))
+
+
+def test_inputs_in_the_template_space_are_not_registered(cohort, tmp_path, caplog):
+    _ingest_cohort(cohort, tmp_path / "none", mode="none")
+    with caplog.at_level(logging.INFO):
+        _ingest_cohort(cohort, tmp_path / "auto")
+    assert "declare MNI152's space (T1w.json SpatialReference): not registered" in caplog.text
     for name in ("shard-00000.h5", "shard-00001.h5"):
         assert (tmp_path / "none" / name).read_bytes() == (tmp_path / "auto" / name).read_bytes()
     # Without the declaration, the grid gives it away: same volumes, and the shard says why.
     plain = tmp_path / "plain"
     shutil.copytree(cohort, plain)
     (plain / "T1w.json").unlink()
-    assert_ok(hpcdiff("ingest", plain, "--out", tmp_path / "grid", *args))
+    _ingest_cohort(plain, tmp_path / "grid")
     (a, _), (b, table) = _images(tmp_path / "none"), _images(tmp_path / "grid")
     assert np.array_equal(a, b)
     assert list(table["registration"]) == ["none"] * 3 and np.isnan(table["registration_r"]).all()
@@ -202,8 +263,7 @@ def test_a_mask_zeroes_outside_and_normalises_inside(cohort, tmp_path):
     tpl = load_mni152_template(resolution=2)
     mask = (np.asarray(tpl.dataobj) > 0.3).astype(np.uint8)
     nib.save(nib.Nifti1Image(mask, tpl.affine), tmp_path / "mask.nii.gz")
-    args = ["--shape", 24, 28, 24, "--subjects-per-shard", 2]
-    assert_ok(hpcdiff("ingest", cohort, "--out", tmp_path / "m", *args, "--mask", tmp_path / "mask.nii.gz"))
+    _ingest_cohort(cohort, tmp_path / "m", mask=tmp_path / "mask.nii.gz")
     vols, _ = _images(tmp_path / "m")
     shards = ShardSet.open(tmp_path / "m")
     on_grid = resample_from_to(
@@ -213,8 +273,6 @@ def test_a_mask_zeroes_outside_and_normalises_inside(cohort, tmp_path):
     )
     outside = on_grid.get_fdata() < 0.5
     assert (vols[:, 0][:, outside] == 0).all() and vols.max() == 1.0
-    proc = hpcdiff(
-        "ingest", cohort, "--out", tmp_path / "bad", *args, "--mask", tmp_path / "mask.nii.gz", "--register", "none"
-    )
-    assert_ok(proc, 2)
-    assert "--mask" in proc.stderr
+    with pytest.raises(UsageError, match="--mask is in template space and needs registration: drop --register none"):
+        _ingest_cohort(cohort, tmp_path / "bad", mask=tmp_path / "mask.nii.gz", mode="none")
+    assert not (tmp_path / "bad" / MANIFEST).exists()

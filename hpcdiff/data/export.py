@@ -26,6 +26,7 @@ import numpy as np
 from hpcdiff import __version__
 from hpcdiff.atomic import write_text_atomic
 from hpcdiff.batch import Marker, Record, Worker, digest, plan_once, run
+from hpcdiff.data.covariates import MISSING_LEVEL
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import DataError
 from hpcdiff.nifti import write_nifti
@@ -171,12 +172,13 @@ def _write_participants(out: Path, table: dict[str, np.ndarray], covariates: lis
             continue
         done.add(pid)
         values = [table[c][i] for c in covariates]
-        writer.writerow([pid, *("n/a" if _missing(v) else _fmt(v) for v in values)])
+        writer.writerow([pid, *(MISSING_LEVEL if _missing(v) else _fmt(v) for v in values)])
     write_text_atomic(out / "participants.tsv", text.getvalue())
 
 
 def _missing(value: object) -> bool:
-    return (isinstance(value, float | np.floating) and not np.isfinite(value)) or value == "n/a"
+    """NaN for a continuous covariate, the missing level for a categorical one (as ingest stores them)."""
+    return (isinstance(value, float | np.floating) and not np.isfinite(value)) or value == MISSING_LEVEL
 
 
 def _fmt(value: object) -> str:

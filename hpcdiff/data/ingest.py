@@ -33,7 +33,7 @@ from hpcdiff.atomic import file_sha256, write_text_atomic
 from hpcdiff.batch import Marker, Record, Worker, digest, plan_once
 from hpcdiff.batch import run as run_job
 from hpcdiff.data.covariate_kinds import column_kinds
-from hpcdiff.data.covariates import TsvTable, is_missing, read_bids_tsv, schema_of
+from hpcdiff.data.covariates import MISSING_LEVEL, TsvTable, is_missing, read_bids_tsv, schema_of
 from hpcdiff.data.register import Placement, RegisterOptions, RegistrationFailed, Space, decide, record_columns
 from hpcdiff.data.selection import select_images
 from hpcdiff.data.shards import MANIFEST, QUARANTINE, SUBJECTS_TABLE, ShardInfo, shard_name, write_manifest, write_shard
@@ -153,7 +153,7 @@ def make_plan(
         typed[r["participant_id"]] = {
             c: (float("nan") if is_missing(r.get(c)) else float(r[c]))
             if kinds[c] == "continuous"
-            else ("n/a" if is_missing(r.get(c)) else r[c].strip())
+            else (MISSING_LEVEL if is_missing(r.get(c)) else r[c].strip())
             for c in columns
         }
     quarantine: list[tuple[str, str, str]] = []

@@ -29,8 +29,11 @@ from typing import Literal
 import numpy as np
 import torch
 
+from hpcdiff.data.covariates import is_missing
 from hpcdiff.data.patches import patch_corners, patch_selection
 from hpcdiff.data.shards import ShardSet
+from hpcdiff.errors import DataError
+from hpcdiff.models.conditioning import MISSING_LEVEL
 
 _SLICE_STREAM = 0x2D  # separates the slice-choice random stream from the permutation stream
 
@@ -185,10 +188,26 @@ class Loader:
         for name, spec in self.shards.covariates.items():
             column = table[name]
             if spec["kind"] == "categorical":
-                levels = {level: i for i, level in enumerate(spec["levels"])}
-                out[name] = np.array([levels.get(str(v), -1) for v in column], dtype=np.int64)
+                out[name] = self._level_indices(name, column, spec["levels"])
             else:
                 out[name] = column.astype(np.float32)
+        return out
+
+    def _level_indices(self, name: str, column: np.ndarray, levels: list[str]) -> np.ndarray:
+        """Level index per subject; a missing value is ``MISSING_LEVEL``, which the model embeds as its null."""
+        index = {level: i for i, level in enumerate(levels)}
+        out = np.empty(len(column), dtype=np.int64)
+        for row, value in enumerate(column):
+            text = str(value)
+            if is_missing(text):
+                out[row] = MISSING_LEVEL
+            elif text in index:
+                out[row] = index[text]
+            else:  # a value the manifest does not list: the shards were edited, or written by something else
+                raise DataError(
+                    f"{self.shards.root}: covariate {name!r} of subject row {row} is {text!r}, not one of the "
+                    f"manifest's levels {levels}; re-run ingest so the subjects table and manifest agree"
+                )
         return out
 
     @property

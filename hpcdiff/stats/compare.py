@@ -86,6 +86,7 @@ def run_compare(
         "group": group,
         "levels": list(designs[0].levels or ()),
         "num_subjects": {"real": int(designs[0].rows.size), "synth": int(designs[1].rows.size)},
+        "left_out": {"real": designs[0].left_out.to_json(), "synth": designs[1].left_out.to_json()},
         "mask_voxels": int(mask.sum()),
         "template_correlation": _corr(*means),
         "template_std_correlation": _corr(*(p.moments.std()[mask] for p in preps)),

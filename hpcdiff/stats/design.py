@@ -2,21 +2,47 @@
 
 Columns: intercept, the group indicator (1 for the second level, 0 for the reference), then each covariate:
 continuous ones centred on the sample mean (so the intercept is the mean at average covariates), categorical
-ones as dummies of every level present but the first. Subjects missing a value in a used column are left out,
-with a warning that says how many.
+ones as dummies of every level present but the first. Subjects missing a value in a used column (NaN, or a
+categorical cell spelled as one of ``hpcdiff.data.covariates.MISSING``, as ingest stores it: never a level) are left
+out of the model, with a warning and counts (per column and in all) that the commands put in summary.json.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from hpcdiff.data.covariates import is_missing
 from hpcdiff.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """Subjects left out of a model: a summary.json entry, so a reader sees who is missing without the log.
+
+    Attributes:
+        missing: per used column, how many subjects have no value in it (a subject may count in several).
+        missing_total: subjects missing a value in at least one used column.
+        other_levels: subjects with every value but a group level other than the two compared.
+    """
+
+    missing: dict[str, int]
+    missing_total: int
+    other_levels: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "missing_values": dict(self.missing),
+            "missing_values_total": self.missing_total,
+            "other_group_levels": self.other_levels,
+            "total": self.missing_total + self.other_levels,
+        }
 
 
 @dataclass
@@ -29,6 +55,7 @@ class Design:
         rows: global subject index of each row, shape (n,).
         group_column: index of the group indicator in ``columns``, or None when no group is modelled.
         levels: (reference, other) levels of the group, or None.
+        left_out: subjects not in the model and why (see ``LeftOut``).
     """
 
     x: np.ndarray
@@ -36,6 +63,7 @@ class Design:
     rows: np.ndarray
     group_column: int | None = None
     levels: tuple[str, str] | None = None
+    left_out: LeftOut = field(default_factory=lambda: LeftOut({}, 0, 0))
 
     def contrast(self, column: str | int) -> np.ndarray:
         """Unit contrast vector selecting one column, shape (p,)."""
@@ -84,22 +112,25 @@ def build_design(
     used = ([group] if group else []) + [c for c in covariates if c != group]
     _check_columns(used, schema, source)
     n_all = len(next(iter(subjects.values())))
-    keep = np.ones(n_all, dtype=bool)
     values: dict[str, np.ndarray] = {}
+    absent: dict[str, np.ndarray] = {}
     for name in used:
         if schema[name].get("kind") == "continuous":
             v = np.asarray(subjects[name], dtype=np.float64)
-            keep &= np.isfinite(v)
+            absent[name] = ~np.isfinite(v)
         else:
             v = _text(subjects[name])
-            keep &= v != ""
+            absent[name] = np.array([is_missing(x) for x in v], dtype=bool)
         values[name] = v
+    keep = ~np.logical_or.reduce([absent[name] for name in used]) if used else np.ones(n_all, dtype=bool)
+    left_out = LeftOut({name: int(absent[name].sum()) for name in used}, int((~keep).sum()), 0)
     chosen: tuple[str, str] | None = None
     if group:
         chosen = _group_levels(values[group][keep], schema[group], group, levels, source)
-        keep &= np.isin(values[group], chosen)
-    if (~keep).sum():
-        log.warning("%d of %d subjects left out (missing values or other group levels)", (~keep).sum(), n_all)
+        other = keep & ~np.isin(values[group], chosen)
+        keep &= ~other
+        left_out = LeftOut(left_out.missing, left_out.missing_total, int(other.sum()))
+    _log_left_out(left_out, n_all, group)
     rows = np.flatnonzero(keep)
     cols: list[np.ndarray] = [np.ones(rows.size)]
     names = ["intercept"]
@@ -124,7 +155,15 @@ def build_design(
         raise DataError(f"{rows.size} usable subjects in {source} for {x.shape[1]} model columns {names}")
     if np.linalg.matrix_rank(x) < x.shape[1]:
         raise DataError(f"the model columns {names} are collinear in {source}: drop a covariate")
-    return Design(x, names, rows, 1 if group else None, chosen)
+    return Design(x, names, rows, 1 if group else None, chosen, left_out)
+
+
+def _log_left_out(left_out: LeftOut, n_all: int, group: str | None) -> None:
+    if left_out.missing_total:
+        per_column = ", ".join(f"{name}: {count}" for name, count in left_out.missing.items() if count)
+        log.warning("%d of %d subjects left out for missing values (%s)", left_out.missing_total, n_all, per_column)
+    if left_out.other_levels:
+        log.warning("%d of %d subjects left out: %s is neither compared level", left_out.other_levels, n_all, group)
 
 
 def _group_levels(

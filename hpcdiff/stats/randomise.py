@@ -24,6 +24,7 @@ from threadpoolctl import threadpool_limits
 
 from hpcdiff.atomic import atomic_write, write_text_atomic
 from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, run
+from hpcdiff.data.covariates import is_missing
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import ConfigError, DataError, UsageError
 from hpcdiff.stats import figures
@@ -120,7 +121,7 @@ def exchangeability_blocks(shards: ShardSet, rows: np.ndarray, column: str | Non
             f"--exchangeability-blocks '{column}' is not a column of {shards.root} (columns: {', '.join(subjects)})"
         )
     labels = _text(np.asarray(subjects[column])[rows])
-    missing = np.isin(labels, ["", "nan"])
+    missing = np.array([is_missing(label) for label in labels], dtype=bool)
     if missing.any():
         raise DataError(f"{missing.sum()} analysed subjects have no '{column}' value in {shards.root}: fill them in")
     check_blocks(labels, column)

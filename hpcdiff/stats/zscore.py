@@ -90,6 +90,7 @@ def run_zscore(
         "subject": subject,
         "columns": design.columns,
         "num_reference_subjects": int(design.rows.size - 1),
+        "left_out": design.left_out.to_json(),
         "mean_abs_z": float(np.nanmean(np.abs(z))),
         "frac_abs_z_gt_2": float(np.nanmean(np.abs(z) > 2)),
         "most_deviant_regions": regions[:top],
