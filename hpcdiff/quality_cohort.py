@@ -21,8 +21,8 @@ import torch
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.models.ssim import ms_ssim
 
-MAX_PAIRS = 64
-"""Disjoint pairs averaged per set: enough for a mean to about +-0.01 on cohorts like ours, and cheap."""
+MAX_PAIRS = 32
+"""Disjoint pairs averaged per set: a 1 mm pair costs ~30 s on one loaded CPU core (docs/benchmarks.md)."""
 CENTRAL_BOX = (1 / 3, 2 / 3)
 """Fractions of each axis that bound the central box where the ventricles lie (MNI-like, RAS grids)."""
 DARK_FRACTION = 0.4

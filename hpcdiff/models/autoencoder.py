@@ -200,7 +200,9 @@ class Autoencoder(nn.Module):
         out = self.decoder(z)
         if self.cfg.shortcut:
             sizes = torch.tensor(self._groups, device=z.device)
-            out = out + channel_to_space(z.repeat_interleave(sizes, dim=1), self.cfg.downsample).to(out.dtype)
+            # output_size lets the memory plan run this on the meta device, where sizes has no values.
+            repeated = z.repeat_interleave(sizes, dim=1, output_size=sum(self._groups))
+            out = out + channel_to_space(repeated, self.cfg.downsample).to(out.dtype)
         return out
 
     @staticmethod

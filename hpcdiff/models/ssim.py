@@ -18,13 +18,23 @@ from torch import Tensor
 K1, K2 = 0.01, 0.03  # the paper's stabilising constants, relative to the data range
 
 
-def _mean_filter(x: Tensor, window: int) -> Tensor:
-    """Valid (unpadded) mean over window^dims boxes; x has shape (N, C, *spatial)."""
+def _mean_filter(x: Tensor, window: int, separable: bool = False) -> Tensor:
+    """Valid (unpadded) mean over window^dims boxes; x has shape (N, C, *spatial).
+
+    ``separable`` pools one axis at a time: the same box mean at ~3 x window instead of window^3 operations per
+    voxel (minutes to seconds for a 1 mm pair), with one more temporary of the input's size.
+    """
     pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
-    return pool(x, window, stride=1)
+    if not separable:
+        return pool(x, window, stride=1)
+    for axis in range(x.ndim - 2):
+        kernel = [1] * (x.ndim - 2)
+        kernel[axis] = window
+        x = pool(x, kernel, stride=1)
+    return x
 
 
-def _ssim_terms(x: Tensor, y: Tensor, data_range: float, window: int) -> tuple[Tensor, Tensor]:
+def _ssim_terms(x: Tensor, y: Tensor, data_range: float, window: int, separable: bool = False) -> tuple[Tensor, Tensor]:
     """Per-sample means of the SSIM map and of its contrast-structure part, each shape (batch,)."""
     if x.shape != y.shape or x.ndim not in (4, 5):
         raise ValueError(f"ssim needs two (batch, C, *spatial) tensors of one shape, got {x.shape} and {y.shape}")
@@ -33,7 +43,7 @@ def _ssim_terms(x: Tensor, y: Tensor, data_range: float, window: int) -> tuple[T
     c1, c2 = (K1 * data_range) ** 2, (K2 * data_range) ** 2
     # One filtering pass over the five moments stacked along the batch axis.
     n = x.shape[0]
-    moments = _mean_filter(torch.cat([x, y, x * x, y * y, x * y]), size)
+    moments = _mean_filter(torch.cat([x, y, x * x, y * y, x * y]), size, separable)
     mu_x, mu_y, xx, yy, xy = moments.split(n)
     var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
     cs = (2 * cov + c2) / (var_x + var_y + c2)
@@ -81,7 +91,7 @@ def ms_ssim(x: Tensor, y: Tensor, data_range: float = 1.0, window: int = 7) -> T
     x, y = x.float(), y.float()
     out = torch.ones(x.shape[0])
     for i, w in enumerate(weights):
-        full, cs = _ssim_terms(x, y, data_range, window)
+        full, cs = _ssim_terms(x, y, data_range, window, separable=True)
         out = out * (full if i == scales - 1 else cs).clamp_min(0) ** w
         if i < scales - 1:
             x, y = pool(x, 2), pool(y, 2)
