@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", type=int, nargs=3, default=[32, 40, 32])
     ap.add_argument("--subjects", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--patch", type=int, nargs=3, default=[16, 16, 16], help="training patch (the shape: whole)")
     ap.add_argument("--run", default="run", help="run directory name under --out")
     ap.add_argument("--no-shortcut", action="store_true", help="the plain networks (model.shortcut: false)")
