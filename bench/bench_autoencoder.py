@@ -35,9 +35,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--shape", type=int, nargs=3, default=[32, 40, 32])
     ap.add_argument("--subjects", type=int, default=48)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--patch", type=int, nargs=3, default=[16, 16, 16], help="training patch (the shape: whole)")
     ap.add_argument("--run", default="run", help="run directory name under --out")
+    ap.add_argument("--no-shortcut", action="store_true", help="the plain networks (model.shortcut: false)")
     args = ap.parse_args()
     out, shape = args.out, args.shape
     for name, seed, n in (("train", 0, args.subjects), ("heldout", 1, 12)):
@@ -46,7 +47,13 @@ def main() -> None:
             _run("ingest", out / f"{name}-bids", "--out", out / name, "--shape", *shape)
     job = {
         "data": {"shards": str(out / "train"), "batch_size": 4, "patch_size": args.patch},
-        "model": {"kind": "autoencoder", "base_channels": 16, "channel_mults": [1, 2, 2], "latent_channels": 4},
+        "model": {
+            "kind": "autoencoder",
+            "base_channels": 16,
+            "channel_mults": [1, 2, 2],
+            "latent_channels": 4,
+            "shortcut": not args.no_shortcut,
+        },
         "objective": {"kind": "autoencoder"},
         "optim": {"lr": 1e-3, "warmup_steps": 20, "ema_decay": 0.99},
         "train": {"steps": args.steps, "checkpoint_every": args.steps, "log_every": 50},
@@ -67,7 +74,7 @@ def main() -> None:
     small = [round(s / factor) for s in shape]
     base = F.interpolate(F.interpolate(x, size=small, mode="trilinear"), size=shape, mode="trilinear")
     latent_values = cfg.latent_channels * x[0, 0].numel() // cfg.downsample**3
-    print(f"trained {args.steps} steps, batch 4 of {args.patch} patches")
+    print(f"trained {args.steps} steps, batch 4 of {args.patch} patches, shortcut {cfg.shortcut}")
     print(f"held-out subjects {len(x)} of {shape}; latent {cfg.latent_channels}x{[s // cfg.downsample for s in shape]}")
     print(f"values kept: latent {latent_values}, trilinear {small} = {small[0] * small[1] * small[2]}")
     for name, y in (("autoencoder", recon), ("trilinear", base)):

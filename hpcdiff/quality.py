@@ -1,11 +1,12 @@
 """Quality at a glance: does a synthetic cohort look like held-out real subjects?
 
-Three views, written to one folder: a montage of real and synthetic mid-slices; per-voxel mean and standard
-deviation maps of both with their correlations; and the maximum mean discrepancy (MMD) between the synthetic and
-the real subjects on downsampled volumes. An MMD alone means little, so two references sit beside it, computed the
-same way: a trivial baseline (the real mean image plus Gaussian noise of the real per-voxel standard deviation),
-which a useful model must beat, and halves of the real subjects against each other (averaged over random
-splits), about as low as the number can go with this many subjects.
+Five views, written to one folder: a montage of real and synthetic mid-slices; per-voxel mean and standard deviation
+maps of both with their correlations; the maximum mean discrepancy (MMD) between the synthetic and the real subjects
+on whole, average-pooled 3D volumes; diversity (mean 3D MS-SSIM between pairs, synthetic against real); and the
+conditioning check (ventricle volume against the requested age; see ``quality_cohort``). An MMD alone means little,
+so two references sit beside it, computed the same way: a trivial baseline (the real mean image plus Gaussian noise
+of the real per-voxel standard deviation), which a useful model must beat, and halves of the real subjects against
+each other (averaged over random splits), about as low as the number can go with this many subjects.
 
 Memory does not grow with the number of subjects: volumes are read, summarised (running mean and variance,
 downsampled rows for the MMD) and dropped in blocks sized from the voxel count, and the baseline's noise is drawn
@@ -27,6 +28,7 @@ import numpy as np
 from hpcdiff.data.loader import slice_indices
 from hpcdiff.data.shards import ShardSet
 from hpcdiff.errors import DataError
+from hpcdiff.quality_cohort import age_slope, pair_ms_ssim
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +240,8 @@ def quality(
             "mmd2_real_half_vs_half": _split_half_mmd2(f_real, bandwidth, rng),
             "baseline": "real per-voxel mean + Gaussian noise of the real per-voxel std",
         },
+        "diversity": _diversity(r_set, s_set, max_subjects, seed) if slice_of is None else None,
+        "conditioning": _conditioning(r_set, s_set, max_subjects) if slice_of is None else None,
         "maps": {
             "corr_mean": _corr(mean_s, mean_r),
             "corr_std": _corr(std_s, std_r),
@@ -254,6 +258,36 @@ def quality(
     r_set.close()
     s_set.close()
     return summary
+
+
+def _diversity(r_set: ShardSet, s_set: ShardSet, max_subjects: int, seed: int) -> dict[str, Any]:
+    """Mean MS-SSIM between synthetic pairs beside the same between real pairs (lower = more diverse)."""
+    synth = pair_ms_ssim(s_set, _evenly(s_set.num_subjects, max_subjects), seed)
+    real = pair_ms_ssim(r_set, _evenly(r_set.num_subjects, max_subjects), seed)
+    return {
+        "ms_ssim_synthetic_pairs": synth,
+        "ms_ssim_real_pairs": real,
+        "difference": synth - real,
+        "note": "3D MS-SSIM, data range 1, disjoint random pairs; far above the real pairs' value means mode collapse",
+    }
+
+
+def _conditioning(r_set: ShardSet, s_set: ShardSet, max_subjects: int, covariate: str = "age") -> dict[str, Any]:
+    """Slope of the ventricle volume on the requested (synthetic) and recorded (real) age, with its sign."""
+    synth = age_slope(s_set, _evenly(s_set.num_subjects, max_subjects), covariate)
+    real = age_slope(r_set, _evenly(r_set.num_subjects, max_subjects), covariate)
+    same_sign = (
+        None
+        if synth is None or real is None
+        else bool(np.sign(synth["slope_ml_per_unit"]) == np.sign(real["slope_ml_per_unit"]))
+    )
+    return {
+        "covariate": covariate,
+        "measure": "ml of voxels darker than 0.4 x the volume's 95th percentile inside the central third of each axis",
+        "synthetic": synth,
+        "real": real,
+        "same_sign": same_sign,
+    }
 
 
 def _split_half_mmd2(rows: np.ndarray, bandwidth: float, rng: np.random.Generator, splits: int = 20) -> float:

@@ -1,11 +1,16 @@
-"""quality in blocks: the same summary whatever the block size, so memory can stay flat at 1 mm."""
+"""quality in blocks (the same summary whatever the block size, so memory can stay flat at 1 mm), and the cohort
+metrics on real shards: MMD, diversity (3D MS-SSIM between pairs) and the ventricle-volume-on-age slope."""
 
 import json
 
 import numpy as np
 import pytest
+import torch
 
 from hpcdiff import quality
+from hpcdiff.data.shards import ShardSet
+from hpcdiff.models import ms_ssim
+from hpcdiff.quality_cohort import age_slope, pair_ms_ssim
 from tests.stats_data import write_cohort_shards
 
 
@@ -39,3 +44,45 @@ def test_summary_does_not_depend_on_the_block_size(tmp_path, monkeypatch):
         assert blocked["mmd"][key] == (pytest.approx(value, rel=1e-9) if isinstance(value, float) else value), key
     for key, value in whole["maps"].items():
         assert blocked["maps"][key] == pytest.approx(value, rel=1e-9), key
+
+
+CUBE = (28, 28, 28)  # three MS-SSIM scales with the 7-voxel window
+
+
+def test_ms_ssim_is_one_for_a_volume_and_itself_and_falls_with_noise():
+    x = torch.rand(2, 1, *CUBE)
+    assert torch.allclose(ms_ssim(x, x), torch.ones(2))
+    noisy = [float(ms_ssim(x, (x + s * torch.randn_like(x)).clamp(0, 1))[0]) for s in (0.05, 0.2, 0.5)]
+    assert 1 > noisy[0] > noisy[1] > noisy[2] >= 0
+    assert torch.allclose(ms_ssim(x[:, :, :8, :8, :8], x[:, :, :8, :8, :8]), torch.ones(2))  # one scale
+
+
+def test_identical_cohorts_agree_and_a_noised_one_differs(tmp_path):
+    write_cohort_shards(tmp_path / "real", num_subjects=12, shape=CUBE, seed=1, age_effect=-0.015)
+    write_cohort_shards(tmp_path / "noised", num_subjects=12, shape=CUBE, seed=1, age_effect=-0.015, noise=0.4)
+    same = quality.quality(tmp_path / "real", tmp_path / "real", tmp_path / "q-same")
+    noised = quality.quality(tmp_path / "real", tmp_path / "noised", tmp_path / "q-noised")
+    # The unbiased MMD^2 of a set against itself is -2 (1 - mean off-diagonal kernel) / n: at most 0, -> 0 with n.
+    n, mmd_same = 12, same["mmd"]["mmd2_synthetic_vs_real"]
+    assert -2 / n <= mmd_same <= 0
+    assert noised["mmd"]["mmd2_synthetic_vs_real"] > 0.1
+    assert same["diversity"]["difference"] == 0.0
+    assert noised["diversity"]["ms_ssim_synthetic_pairs"] < same["diversity"]["ms_ssim_real_pairs"] - 0.05
+    cond = same["conditioning"]
+    assert cond["same_sign"] and cond["synthetic"] == cond["real"]
+    assert json.loads((tmp_path / "q-noised" / "summary.json").read_text())["diversity"] == noised["diversity"]
+
+
+def test_a_collapsed_cohort_has_pair_ms_ssim_near_one(tmp_path):
+    write_cohort_shards(tmp_path / "same", 8, CUBE, seed=3, group_effect=0.0, age_effect=0.0, noise=0.0)
+    with ShardSet.open(tmp_path / "same") as shards:
+        assert pair_ms_ssim(shards, range(8)) > 0.99
+
+
+@pytest.mark.parametrize(("age_effect", "sign"), [(-0.025, 1), (0.025, -1)])
+def test_larger_ventricles_at_higher_age_give_a_positive_slope_and_the_reverse_a_negative(tmp_path, age_effect, sign):
+    write_cohort_shards(tmp_path / "c", 24, CUBE, seed=4, age_effect=age_effect)
+    with ShardSet.open(tmp_path / "c") as shards:
+        fit = age_slope(shards, range(24))
+        assert age_slope(shards, range(24), covariate="height") is None
+    assert np.sign(fit["slope_ml_per_unit"]) == sign and abs(fit["pearson_r"]) > 0.5

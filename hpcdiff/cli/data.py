@@ -255,6 +255,21 @@ def _run_quality(args: argparse.Namespace) -> int:
         print(
             f"quality: MMD^2 synthetic {m['mmd2_synthetic_vs_real']:.4g}, baseline {m['mmd2_baseline_vs_real']:.4g}, "
             f"real half vs half {m['mmd2_real_half_vs_half']:.4g}; mean map r={s['maps']['corr_mean']:.3f}, "
-            f"std map r={s['maps']['corr_std']:.3f}; wrote {Path(args.out) / 'summary.json'}"
+            f"std map r={s['maps']['corr_std']:.3f}"
         )
+        if s["diversity"]:
+            d = s["diversity"]
+            print(
+                f"quality: MS-SSIM synthetic pairs {d['ms_ssim_synthetic_pairs']:.4f}, "
+                f"real pairs {d['ms_ssim_real_pairs']:.4f}"
+            )
+        cond = s["conditioning"]
+        for name in ("synthetic", "real"):
+            if cond and cond[name]:
+                c = cond[name]
+                print(
+                    f"quality: {name} ventricle volume vs {cond['covariate']}: "
+                    f"slope {c['slope_ml_per_unit']:+.4g} mL per unit, r={c['pearson_r']:+.3f}"
+                )
+        print(f"quality: wrote {Path(args.out) / 'summary.json'}")
     return 0

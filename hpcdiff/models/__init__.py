@@ -10,7 +10,7 @@ from hpcdiff.models.diffusion import DDPM, cosine_betas, linear_betas
 from hpcdiff.models.factory import build_objective
 from hpcdiff.models.flow import CondOTPath, FlowMatching
 from hpcdiff.models.objective import Objective, ObjectiveConfig
-from hpcdiff.models.ssim import psnr, ssim
+from hpcdiff.models.ssim import ms_ssim, psnr, ssim
 from hpcdiff.models.unet import UNet, UNetConfig
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "covariate_specs",
     "kl_divergence",
     "linear_betas",
+    "ms_ssim",
     "psnr",
     "ssim",
 ]

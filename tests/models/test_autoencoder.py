@@ -1,5 +1,5 @@
-"""The KL autoencoder: shapes at 4x and 8x, config checks, noise only from generators, checkpointing changes
-nothing but memory, SSIM against an independent scipy reference, and a loss that falls."""
+"""The KL autoencoder: shapes at 4x and 8x, the residual shortcut, config checks, noise only from generators,
+checkpointing changes nothing but memory, SSIM against an independent scipy reference, and a loss that falls."""
 
 import numpy as np
 import pytest
@@ -16,6 +16,7 @@ from hpcdiff.models import (
     psnr,
     ssim,
 )
+from hpcdiff.models.autoencoder import LOGVAR_INIT, channel_to_space, space_to_channel
 from tests.models.test_training import blobs
 
 
@@ -121,3 +122,31 @@ def test_reconstruction_loss_falls_over_a_short_run():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
+
+
+def test_space_to_channel_round_trips_and_groups_cover_every_channel():
+    x = torch.rand(2, 1, 8, 12, 16)
+    z = space_to_channel(x, 4)
+    assert z.shape == (2, 64, 2, 3, 4)
+    assert torch.equal(z[0, :, 1, 2, 3], x[0, 0, 4:8, 8:12, 12:16].reshape(-1))
+    assert torch.equal(channel_to_space(z, 4), x)
+    for latent in range(3, 9):
+        ae = _tiny(latent_channels=latent)
+        assert sum(ae._groups) == 64 and max(ae._groups) - min(ae._groups) <= 1
+
+
+@pytest.mark.parametrize("latent", [3, 4])
+def test_at_initialisation_the_autoencoder_is_the_block_average_codec(latent):
+    ae = _tiny(latent_channels=latent)
+    x = torch.rand(2, 1, 8, 8, 12)
+    mean, logvar = ae.encode(x)
+    blocks = space_to_channel(x, 4)
+    first = blocks[:, : ae._groups[0]].mean(1)
+    torch.testing.assert_close(mean[:, 0], first)
+    assert torch.all(logvar == LOGVAR_INIT)
+    recon = ae.decode(mean)
+    torch.testing.assert_close(
+        space_to_channel(recon, 4)[:, : ae._groups[0]], first[:, None].expand_as(blocks[:, : ae._groups[0]])
+    )
+    plain = _tiny(latent_channels=latent, shortcut=False)
+    assert not torch.allclose(plain.decode(plain.encode(x)[0]), recon)
