@@ -12,7 +12,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ import numpy as np
 import torch
 
 from hpcdiff import __version__, checkpoint
-from hpcdiff.atomic import atomic_write, file_sha256
-from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, run
+from hpcdiff.atomic import file_sha256
+from hpcdiff.batch import Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.config import build
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv, schema_of
 from hpcdiff.data.shards import MANIFEST, SUBJECTS_TABLE, ShardInfo, ShardSet, shard_name, write_manifest, write_shard
 from hpcdiff.errors import CheckpointError, DataError, DivergedError, ShardError, UsageError
 from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.pinning import Pin, check_copy, keep_copy, pin_of, pinned_path, read_copy, resolve
 from hpcdiff.seeds import seed_for
 
 log = logging.getLogger(__name__)
@@ -82,19 +82,8 @@ class SampleResult:
     step: int  # of the pinned checkpoint
 
 
-PINNED = "weights.pt"
 _FINISH_FILES = (SUBJECTS_TABLE, MANIFEST)
 _SAMPLING_KEYS = ("ema", "model_config", "objective_config", "covariates", "config", "step")
-
-
-@dataclass(frozen=True)
-class Pin:
-    """The checkpoint a sampling plan uses, and the digests that identify its weights."""
-
-    step: int
-    checkpoint: str  # the folder it was copied from (it may be pruned since)
-    weights_sha256: str | None  # of model and EMA, as the checkpoint's marker says
-    ema_sha256: str  # of the EMA tensors alone: what every worker checks its copy against
 
 
 @dataclass
@@ -118,20 +107,6 @@ def _training_shards(state: dict[str, Any], what: str) -> ShardSet:
         return ShardSet.open(path)
     except ShardError as e:
         raise DataError(f"{what} needs the run's training shards at {path}, which cannot be read ({e})") from e
-
-
-def _resolve(run_dir: Path, step: int | None) -> checkpoint.CheckpointInfo:
-    root = Path(run_dir) / "checkpoints"
-    if step is None:
-        info = checkpoint.latest_valid(root)
-        if info is None:
-            raise UsageError(f"no valid checkpoint in {root}: train the run first")
-        return info
-    info = checkpoint.verify(checkpoint.step_dir(root, step))
-    if not info.valid:
-        steps = [c.step for c in checkpoint.list_checkpoints(root, deep=False) if c.valid]
-        raise UsageError(f"--checkpoint {step}: {info.path} is not a valid checkpoint ({info.reason}); valid: {steps}")
-    return info
 
 
 def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
@@ -160,24 +135,19 @@ def _generator(state: dict[str, Any], device: torch.device) -> _Generator:
 
 def load_generator(run_dir: Path, device: torch.device, step: int | None = None) -> _Generator:
     """EMA weights of checkpoint ``step`` (default: the newest valid one) in ``run_dir``, ready to sample."""
-    return _generator(_sampling_state(_resolve(run_dir, step)), device)
-
-
-def _pinned_path(out: Path) -> Path:
-    return Path(out) / STATE_DIR / PINNED
+    return _generator(_sampling_state(resolve(run_dir, step)), device)
 
 
 def _pin(run_dir: Path, out: Path, step: int | None, reuse: bool) -> tuple[Pin, dict[str, Any]]:
     """The checkpoint this plan samples from: the folder's own copy when it has one of that step (and ``reuse``),
     else the run's."""
-    if reuse and _pinned_path(out).is_file():
-        pin, state = _read_copy(out)
+    if reuse and pinned_path(out).is_file():
+        pin, state = read_copy(out)
         if step is None or step == pin.step:
             return pin, {**state, "from_copy": True}
-    info = _resolve(run_dir, step)
+    info = resolve(run_dir, step)
     state = _sampling_state(info)
-    pin = Pin(info.step, str(info.path), info.weights_sha256, checkpoint.weights_sha256(state["ema"]))
-    return pin, state
+    return pin_of(info, state["ema"]), state
 
 
 def _cohort(state: dict[str, Any], schema: dict[str, dict], opts: SampleOptions) -> tuple[dict[str, list], str]:
@@ -327,38 +297,17 @@ def _make_plan(run_dir: Path, out: Path, opts: SampleOptions, overwrite: bool) -
 
 def _keep_copy(plan: _SamplePlan) -> None:
     """Write the plan's own copy of the pinned weights into the output folder, unless it is there already."""
-    path = _pinned_path(plan.out)
     state = plan.__dict__.pop("state", None)
     if state is None or state.pop("from_copy", False):
         return
-    buf = io.BytesIO()
-    torch.save({**state, "pin": plan.pin.__dict__}, buf)
-    atomic_write(path, buf.getvalue())
+    path = keep_copy(plan.out, state, plan.pin)
     log.info("sample: pinned step %d (ema sha256 %s...) in %s", plan.pin.step, plan.pin.ema_sha256[:12], path)
-
-
-def _read_copy(out: Path) -> tuple[Pin, dict[str, Any]]:
-    path = _pinned_path(out)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return Pin(**state.pop("pin")), state
-    except Exception as e:  # torch raises several kinds for a bad archive
-        raise CheckpointError(
-            f"cannot load the plan's pinned weights {path}: {e}; sample into a new --out, or pass --overwrite to "
-            "pin the checkpoint again"
-        ) from e
 
 
 def _load_pinned(plan: _SamplePlan, device: torch.device) -> _Generator:
     """The plan's copy of the weights, checked against the plan's digest of them."""
-    path = _pinned_path(plan.out)
-    _, state = _read_copy(plan.out)
-    found = checkpoint.weights_sha256(state["ema"])
-    if found != plan.pin.ema_sha256:
-        raise CheckpointError(
-            f"{path}: EMA weights digest {found[:12]}... differs from the plan's {plan.pin.ema_sha256[:12]}... "
-            "(the copy changed on disk); rerun with --overwrite to pin again"
-        )
+    _, state = read_copy(plan.out)
+    check_copy(plan.out, plan.pin, state["ema"])
     return _generator(state, device)
 
 
