@@ -28,7 +28,8 @@ from hpcdiff.config import build
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv, schema_of
 from hpcdiff.data.shards import MANIFEST, SUBJECTS_TABLE, ShardInfo, ShardSet, shard_name, write_manifest, write_shard
 from hpcdiff.errors import CheckpointError, DataError, DivergedError, ShardError, UsageError
-from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.latent import build_autoencoder, decoder_for
+from hpcdiff.models import Autoencoder, ObjectiveConfig, UNet, UNetConfig, build_objective
 from hpcdiff.pinning import Pin, check_copy, keep_copy, pin_of, pinned_path, read_copy, resolve
 from hpcdiff.seeds import seed_for
 
@@ -95,6 +96,7 @@ class _Generator:
     state: dict[str, Any]
     grid: dict[str, Any]
     schema: dict[str, dict]
+    decoder: Autoencoder | None = None  # a latent run's autoencoder: samples are latents, decoded into images
 
     @property
     def training_shards(self) -> str:
@@ -122,6 +124,9 @@ def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
         )
     kept = {key: state[key] for key in _SAMPLING_KEYS}
     kept["grid"] = state.get("grid") or _training_shards(state, "a checkpoint without its grid").grid
+    if state.get("latent"):
+        kept["latent"] = state["latent"]
+        kept["decoder"] = decoder_for(state["latent"])  # refuses an autoencoder changed since the encode
     return kept
 
 
@@ -130,7 +135,8 @@ def _generator(state: dict[str, Any], device: torch.device) -> _Generator:
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
     objective = build_objective(build(ObjectiveConfig, state["objective_config"], "objective"))
-    return _Generator(model, objective, state, state["grid"], dict(state["covariates"]))
+    decoder = build_autoencoder(state["decoder"], device) if state.get("latent") else None
+    return _Generator(model, objective, state, state["grid"], dict(state["covariates"]), decoder)
 
 
 def load_generator(run_dir: Path, device: torch.device, step: int | None = None) -> _Generator:
@@ -185,7 +191,7 @@ def _output_grid(state: dict[str, Any]) -> tuple[list[int], list[float], list[li
 
     A 2D model's sample is one slice: stored as a volume one voxel thick at the middle of the slice axis.
     """
-    grid = state["grid"]
+    grid = state["latent"]["source"] if state.get("latent") else state["grid"]
     shape = [int(s) for s in grid["shape"]]
     affine = np.asarray(grid["affine"], dtype=np.float64)
     spacing = [float(s) for s in grid["spacing"]]
@@ -217,6 +223,7 @@ class _SamplePlan:
     axis: int | None
     training_shards: str
     num_subjects: int
+    latent: dict[str, Any] | None = None  # a latent run's block: scale factor, autoencoder, source grid
     plan_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -236,8 +243,16 @@ class _SamplePlan:
                 "covariates": self.columns,
                 "num_subjects": self.num_subjects,
                 "grid": [self.shape, self.spacing, self.affine, self.axis],
+                **({"latent": self.latent} if self.latent else {}),
             }
         )
+
+    @property
+    def decoder_pin(self) -> Pin:
+        """The autoencoder a latent run decodes through, as the encode pinned it."""
+        assert self.latent is not None
+        ae = self.latent["autoencoder"]
+        return Pin(int(ae["step"]), str(ae["checkpoint"]), ae.get("weights_sha256"), str(ae["ema_sha256"]))
 
     @property
     def num_outputs(self) -> int:
@@ -272,6 +287,7 @@ class _SamplePlan:
             "training_shards": self.training_shards,
             "slice_axis": self.axis,
             "plan_sha256": self.plan_sha256,
+            **({"latent": _latent_provenance(self.latent)} if self.latent else {}),
         }
 
 
@@ -289,10 +305,15 @@ def _make_plan(run_dir: Path, out: Path, opts: SampleOptions, overwrite: bool) -
     shape, spacing, affine, axis = _output_grid(state)
     plan = _SamplePlan(
         run_dir, out, opts, pin, sampler, state["objective_config"], columns, source, schema,
-        shape, spacing, affine, axis, str(state["config"]["data"]["shards"]), n,
+        shape, spacing, affine, axis, str(state["config"]["data"]["shards"]), n, state.get("latent"),
     )  # fmt: skip
     plan.state = state  # type: ignore[attr-defined]  # on rank 0 only, for _keep_copy; never broadcast
     return plan
+
+
+def _latent_provenance(latent: dict[str, Any]) -> dict[str, Any]:
+    """What a sampled set records of a latent run: the autoencoder it was decoded through and the scale factor."""
+    return {key: latent[key] for key in ("scale_factor", "autoencoder", "source_shards")}
 
 
 def _keep_copy(plan: _SamplePlan) -> None:
@@ -308,6 +329,8 @@ def _load_pinned(plan: _SamplePlan, device: torch.device) -> _Generator:
     """The plan's copy of the weights, checked against the plan's digest of them."""
     _, state = read_copy(plan.out)
     check_copy(plan.out, plan.pin, state["ema"])
+    if state.get("latent"):
+        check_copy(plan.out, plan.decoder_pin, state["decoder"]["ema"])
     return _generator(state, device)
 
 
@@ -357,17 +380,21 @@ class _SampleJob:
         plan, device = self.plan, self.device
         axis = plan.axis
         spatial = [s for a, s in enumerate(plan.shape) if a != axis] if axis is not None else plan.shape
+        if self.gen.decoder is not None:
+            spatial = self.gen.grid["shape"]  # the latent grid; decoded onto plan.shape below
         cov = _tensors(plan.columns, plan.schema, rows, device)
         generators = [torch.Generator(device=device).manual_seed(seed_for(plan.opts.seed, i)) for i in rows]
         x = self.gen.objective.sample(
             self.gen.model,
-            (len(rows), 1, *spatial),
+            (len(rows), self.gen.model.cfg.in_channels, *spatial),
             cov,
             generators,
             plan.opts.steps,
             sampler=plan.sampler,
             guidance=plan.opts.guidance,
         )
+        if self.gen.decoder is not None:
+            x = self._decode(x)
         x = x.float().cpu().numpy()
         if not np.isfinite(x).all():
             raise DivergedError(
@@ -375,6 +402,14 @@ class _SampleJob:
                 "EMA weights; sample another --checkpoint"
             )
         return x if axis is None else np.expand_dims(x, 2 + axis)
+
+    @torch.no_grad()
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (n, C, d, h, w) back to the image scale and through the autoencoder, one subject at a time (a
+        subject's image does not depend on the batch it was sampled in)."""
+        assert self.gen.decoder is not None and self.plan.latent is not None
+        z = z / float(self.plan.latent["scale_factor"])
+        return torch.cat([self.gen.decoder.decode(z[i : i + 1]) for i in range(z.shape[0])])
 
     def finish(self, records: list[Record]) -> None:
         plan = self.plan

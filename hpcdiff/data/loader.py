@@ -78,7 +78,8 @@ def slice_indices(size: int, seed: int, positions: np.ndarray, slice_range: tupl
 class Batch:
     """One rank's share of one step."""
 
-    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode (or the patch size), (b, 1, *two remaining axes) in 2d mode; float16
+    # (b, C, D, H, W) in 3d mode (C = 1 for images; or the patch size), (b, 1, *two remaining axes) in 2d mode; float16
+    x: torch.Tensor
     covariates: dict[str, torch.Tensor]  # continuous: float32 raw values; categorical: int64 level index
     indices: torch.Tensor  # (b,) int64 global subject ids
     position: int  # stream position of this batch's first sample
@@ -170,7 +171,7 @@ class Loader:
             for i, (index, corner) in enumerate(zip(indices, corners)):
                 self.shards.read_into(int(index), buf[i, 0], patch_selection(corner, self.patch_size))
         elif self.mode == "3d":
-            buf = np.empty((self.batch_size, 1, *self.shards.shape), dtype=np.float16)
+            buf = np.empty((self.batch_size, self.shards.channels, *self.shards.shape), dtype=np.float16)
             self.shards.read_batch_into(indices, buf)
         else:
             axis = self.slice_axis
