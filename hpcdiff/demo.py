@@ -92,7 +92,11 @@ def latent_stages(out: Path, autoencoder: Path, diffusion: Path) -> list[Stage]:
             ("train", str(autoencoder), "--run-dir", o["autoencoder"], quiet, "--set", f"data.shards={o['shards']}"),
             parallel=True,
         ),
-        Stage("encode", ("encode", o["shards"], "--run-dir", o["autoencoder"], "--out", o["latents"]), parallel=True),
+        Stage(
+            "encode",
+            ("encode", o["shards"], "--run-dir", o["autoencoder"], "--out", o["latents"], "--subjects-per-shard", "8"),
+            parallel=True,
+        ),
         Stage(
             "diffusion",
             ("train", str(diffusion), "--run-dir", o["run"], quiet, "--set", f"data.shards={o['latents']}"),

@@ -155,3 +155,14 @@ def test_a_latent_run_samples_images_on_the_input_grid_and_refuses_a_changed_aut
     assert proc.returncode == 2, proc.stderr
     assert f"the autoencoder in {road['ae']} (step 4) has changed" in proc.stderr
     assert "encode again" in proc.stderr and not (tmp_path / "refused").exists()
+
+
+def test_training_on_latents_refuses_patches_and_a_wrong_channel_count(road, tmp_path):
+    for case, section, message in (
+        ("patch", {"data": {"patch_size": [4, 4, 4]}}, "data.mode/data.patch_size"),
+        ("channels", {"model": {"in_channels": 1}}, "model.in_channels is 1, but the shards"),
+    ):
+        job = job_yaml(tmp_path / f"{case}.yaml", road["latents"], **section)
+        proc = hpcdiff("train", job, "--run-dir", tmp_path / case, "--quiet")
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
