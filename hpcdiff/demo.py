@@ -102,7 +102,11 @@ def latent_stages(out: Path, autoencoder: Path, diffusion: Path) -> list[Stage]:
             ("train", str(diffusion), "--run-dir", o["run"], quiet, "--set", f"data.shards={o['latents']}"),
             parallel=True,
         ),
-        Stage("sample", ("sample", "--run-dir", o["run"], "--out", o["synthetic"], "--n", SYNTHETIC), parallel=True),
+        Stage(
+            "sample",
+            ("sample", "--run-dir", o["run"], "--out", o["synthetic"], "--n", SYNTHETIC, "--subjects-per-shard", "8"),
+            parallel=True,
+        ),
         Stage("export", ("export", o["synthetic"], "--out", o["nifti"])),
         Stage("quality", ("quality", o["shards"], o["synthetic"], "--out", o["quality"])),
     ]
