@@ -166,3 +166,17 @@ def test_training_on_latents_refuses_patches_and_a_wrong_channel_count(road, tmp
         proc = hpcdiff("train", job, "--run-dir", tmp_path / case, "--quiet")
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_latent_demo_chains_each_stage_into_the_next(tmp_path):
+    from hpcdiff.demo import _resource, latent_stages
+
+    ae, ldm = _resource("latent-demo.yaml"), _resource("latent-demo-diffusion.yaml")
+    stages = {s.name: s.args for s in latent_stages(tmp_path, ae, ldm)}
+    assert list(stages) == ["cohort", "ingest", "autoencoder", "encode", "diffusion", "sample", "export", "quality"]
+    out = {name: str(tmp_path / name) for name in ("shards", "autoencoder", "latents", "run", "synthetic")}
+    assert stages["autoencoder"][:2] == ("train", str(ae)) and f"data.shards={out['shards']}" in stages["autoencoder"]
+    assert stages["encode"][:4] == ("encode", out["shards"], "--run-dir", out["autoencoder"])
+    assert stages["diffusion"][:2] == ("train", str(ldm)) and f"data.shards={out['latents']}" in stages["diffusion"]
+    assert stages["sample"][:5] == ("sample", "--run-dir", out["run"], "--out", out["synthetic"])
+    assert stages["export"][1] == stages["quality"][2] == out["synthetic"]
