@@ -1,5 +1,8 @@
 """``hpcdiff demo``: the whole pipeline on the built-in cohort, as a user would run it, in minutes on a laptop.
 
+``hpcdiff demo --latent`` runs the latent road instead, at 2 mm: autoencoder -> encode -> diffusion on latents ->
+sample (decoded into images) -> export -> quality.
+
 Each stage is the real command line (under ``mpirun -n 2`` where Open MPI is present), so the demo exercises
 exactly what users run; each stage resumes, so an interrupted demo picks up where it stopped when run again.
 """
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 SHAPE = ("40", "48", "40")
 SUBJECTS = "64"
 SYNTHETIC = "16"
+LATENT_SHAPE = ("80", "112", "80")  # the cohort at 2 mm: 4x per axis gives a 20x28x20 latent
+LATENT_SUBJECTS = "32"
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,46 @@ def stages(out: Path, config: Path) -> list[Stage]:
     ]
 
 
+def latent_stages(out: Path, autoencoder: Path, diffusion: Path) -> list[Stage]:
+    """The latent road: data, autoencoder, encode, diffusion on latents, sample (decoded), export, quality."""
+    o = {k: str(out / k) for k in ("bids", "shards", "autoencoder", "latents", "run", "synthetic", "nifti", "quality")}
+    quiet = "--quiet"
+    return [
+        Stage(
+            "cohort",
+            ("cohort", "--out", o["bids"], "--subjects", LATENT_SUBJECTS, "--shape", *LATENT_SHAPE),
+            parallel=True,
+        ),
+        Stage(
+            "ingest",
+            ("ingest", o["bids"], "--out", o["shards"], "--shape", *LATENT_SHAPE, "--spacing", "2"),
+            parallel=True,
+        ),
+        Stage(
+            "autoencoder",
+            ("train", str(autoencoder), "--run-dir", o["autoencoder"], quiet, "--set", f"data.shards={o['shards']}"),
+            parallel=True,
+        ),
+        Stage(
+            "encode",
+            ("encode", o["shards"], "--run-dir", o["autoencoder"], "--out", o["latents"], "--subjects-per-shard", "8"),
+            parallel=True,
+        ),
+        Stage(
+            "diffusion",
+            ("train", str(diffusion), "--run-dir", o["run"], quiet, "--set", f"data.shards={o['latents']}"),
+            parallel=True,
+        ),
+        Stage(
+            "sample",
+            ("sample", "--run-dir", o["run"], "--out", o["synthetic"], "--n", SYNTHETIC, "--subjects-per-shard", "8"),
+            parallel=True,
+        ),
+        Stage("export", ("export", o["synthetic"], "--out", o["nifti"])),
+        Stage("quality", ("quality", o["shards"], o["synthetic"], "--out", o["quality"])),
+    ]
+
+
 def _command(stage: Stage, ranks: int) -> list[str]:
     base = [sys.executable, "-m", "hpcdiff", *stage.args]
     if stage.parallel and ranks > 1 and shutil.which("mpirun"):
@@ -74,18 +119,25 @@ def _command(stage: Stage, ranks: int) -> list[str]:
     return base
 
 
-def run_demo(out: Path, ranks: int = 2) -> int:
-    """Run every stage in order; stop at the first failure and return its exit code."""
+def _resource(name: str) -> Path:
+    return Path(str(resources.files("hpcdiff") / "resources" / name))
+
+
+def run_demo(out: Path, ranks: int = 2, latent: bool = False) -> int:
+    """Run every stage in order (the latent road with ``latent``); stop at the first failure."""
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    config = Path(str(resources.files("hpcdiff") / "resources" / "demo.yaml"))
+    if latent:
+        pipeline = latent_stages(out, _resource("latent-demo.yaml"), _resource("latent-demo-diffusion.yaml"))
+    else:
+        pipeline = stages(out, _resource("demo.yaml"))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if os.geteuid() == 0:
         env.update(MPI_ROOT_ENV)
     if ranks > 1 and not shutil.which("mpirun"):
         log.warning("mpirun not found: running every stage as one process (apt-get install openmpi-bin)")
     t_all = time.perf_counter()
-    for stage in stages(out, config):
+    for stage in pipeline:
         t0 = time.perf_counter()
         print(f"==> {stage.name}: hpcdiff {' '.join(stage.args)}", flush=True)
         rc = subprocess.run(_command(stage, ranks), env=env, check=False).returncode

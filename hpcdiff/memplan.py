@@ -106,9 +106,10 @@ class StepMemory:
 
 def input_shape(job: JobConfig, volume_shape: Sequence[int]) -> tuple[int, ...]:
     """One training sample's (C, *spatial): the patch, the whole volume, or a 2D slice."""
+    channels = int(job.model.get("in_channels", 1))  # C of latent shards: give model.in_channels to plan for them
     if job.data.mode == "2d":
-        return (1, *(s for a, s in enumerate(volume_shape) if a != job.data.slice_axis))
-    return (1, *(job.data.patch_size or volume_shape))
+        return (channels, *(s for a, s in enumerate(volume_shape) if a != job.data.slice_axis))
+    return (channels, *(job.data.patch_size or volume_shape))
 
 
 def measure_step(

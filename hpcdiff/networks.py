@@ -46,10 +46,22 @@ def model_kind(job: JobConfig) -> str:
     return kind
 
 
-def build_model_config(job: JobConfig, specs: list[CovariateSpec]) -> ModelConfig:
-    """The network's config from the job's ``model`` section; dims and covariates come from ``data``."""
+def build_model_config(job: JobConfig, specs: list[CovariateSpec], channels: int | None = None) -> ModelConfig:
+    """The network's config from the job's ``model`` section; dims and covariates come from ``data``.
+
+    ``channels`` (given when the shards are open: C of latent shards, 1 for images) sets the UNet's in/out channels;
+    a ``model.in_channels`` that disagrees with the data is refused.
+    """
     kind = model_kind(job)
     options = {k: v for k, v in job.model.items() if k != "kind"}
+    if channels is not None:
+        given = options.get("in_channels", channels)
+        if given != channels:
+            raise ConfigError(
+                f"model.in_channels is {given}, but the shards in {job.data.shards} hold {channels} channel(s); "
+                f"set it to {channels} or remove it (it is taken from the data)"
+            )
+        options["in_channels"] = channels
     if kind == "autoencoder":
         if job.data.mode != "3d":
             raise ConfigError(f"model.kind autoencoder is 3D: set data.mode: 3d (got {job.data.mode!r})")
@@ -75,6 +87,17 @@ def build_objective_from(job: JobConfig) -> Any:
     if model_kind(job) == "autoencoder":
         return AutoencoderObjective(build(AutoencoderLossConfig, job.objective, "objective"))
     return build_objective(build(ObjectiveConfig, job.objective, "objective"))
+
+
+def check_latent_data(job: JobConfig, latent: bool) -> None:
+    """Latent shards train a 3D diffusion UNet on whole latents: refuse what does not apply to them."""
+    if not latent:
+        return
+    where = f"{job.data.shards} holds latent shards (hpcdiff encode)"
+    if model_kind(job) == "autoencoder":
+        raise ConfigError(f"model.kind autoencoder: {where}; train the autoencoder on image shards")
+    if job.data.mode != "3d" or job.data.patch_size is not None:
+        raise ConfigError(f"data.mode/data.patch_size: {where}, which train whole: set data.mode 3d, no patch_size")
 
 
 def check_input_size(job: JobConfig, cfg: ModelConfig, volume_shape: Sequence[int]) -> None:

@@ -204,6 +204,8 @@ def quality(
 
     out = Path(out)
     r_set, s_set = ShardSet.open(real), ShardSet.open(synth)
+    for shard_set in (r_set, s_set):
+        shard_set.require_images("quality")
     slice_of = _slice_of(r_set, s_set, Path(real), Path(synth))
     num_real = len(_evenly(r_set.num_subjects, max_subjects))
     num_synth = len(_evenly(s_set.num_subjects, max_subjects))

@@ -12,7 +12,6 @@ the same bytes.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,13 +22,15 @@ import numpy as np
 import torch
 
 from hpcdiff import __version__, checkpoint
-from hpcdiff.atomic import atomic_write, file_sha256
-from hpcdiff.batch import STATE_DIR, Marker, Record, Worker, digest, plan_once, run
+from hpcdiff.atomic import file_sha256
+from hpcdiff.batch import Marker, Record, Worker, digest, plan_once, run
 from hpcdiff.config import build
 from hpcdiff.data.covariates import draw_cohort, read_cohort_tsv, schema_of
 from hpcdiff.data.shards import MANIFEST, SUBJECTS_TABLE, ShardInfo, ShardSet, shard_name, write_manifest, write_shard
 from hpcdiff.errors import CheckpointError, DataError, DivergedError, ShardError, UsageError
-from hpcdiff.models import ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.latent import build_autoencoder, decoder_for
+from hpcdiff.models import Autoencoder, ObjectiveConfig, UNet, UNetConfig, build_objective
+from hpcdiff.pinning import Pin, check_copy, keep_copy, pin_of, pinned_path, read_copy, resolve
 from hpcdiff.seeds import seed_for
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,8 @@ class SampleResult:
     step: int  # of the pinned checkpoint
 
 
-PINNED = "weights.pt"
 _FINISH_FILES = (SUBJECTS_TABLE, MANIFEST)
 _SAMPLING_KEYS = ("ema", "model_config", "objective_config", "covariates", "config", "step")
-
-
-@dataclass(frozen=True)
-class Pin:
-    """The checkpoint a sampling plan uses, and the digests that identify its weights."""
-
-    step: int
-    checkpoint: str  # the folder it was copied from (it may be pruned since)
-    weights_sha256: str | None  # of model and EMA, as the checkpoint's marker says
-    ema_sha256: str  # of the EMA tensors alone: what every worker checks its copy against
 
 
 @dataclass
@@ -106,6 +96,7 @@ class _Generator:
     state: dict[str, Any]
     grid: dict[str, Any]
     schema: dict[str, dict]
+    decoder: Autoencoder | None = None  # a latent run's autoencoder: samples are latents, decoded into images
 
     @property
     def training_shards(self) -> str:
@@ -118,20 +109,6 @@ def _training_shards(state: dict[str, Any], what: str) -> ShardSet:
         return ShardSet.open(path)
     except ShardError as e:
         raise DataError(f"{what} needs the run's training shards at {path}, which cannot be read ({e})") from e
-
-
-def _resolve(run_dir: Path, step: int | None) -> checkpoint.CheckpointInfo:
-    root = Path(run_dir) / "checkpoints"
-    if step is None:
-        info = checkpoint.latest_valid(root)
-        if info is None:
-            raise UsageError(f"no valid checkpoint in {root}: train the run first")
-        return info
-    info = checkpoint.verify(checkpoint.step_dir(root, step))
-    if not info.valid:
-        steps = [c.step for c in checkpoint.list_checkpoints(root, deep=False) if c.valid]
-        raise UsageError(f"--checkpoint {step}: {info.path} is not a valid checkpoint ({info.reason}); valid: {steps}")
-    return info
 
 
 def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
@@ -147,6 +124,9 @@ def _sampling_state(info: checkpoint.CheckpointInfo) -> dict[str, Any]:
         )
     kept = {key: state[key] for key in _SAMPLING_KEYS}
     kept["grid"] = state.get("grid") or _training_shards(state, "a checkpoint without its grid").grid
+    if state.get("latent"):
+        kept["latent"] = state["latent"]
+        kept["decoder"] = decoder_for(state["latent"])  # refuses an autoencoder changed since the encode
     return kept
 
 
@@ -155,29 +135,25 @@ def _generator(state: dict[str, Any], device: torch.device) -> _Generator:
     model.load_state_dict(state["ema"])
     model.to(device).eval().requires_grad_(False)
     objective = build_objective(build(ObjectiveConfig, state["objective_config"], "objective"))
-    return _Generator(model, objective, state, state["grid"], dict(state["covariates"]))
+    decoder = build_autoencoder(state["decoder"], device) if state.get("latent") else None
+    return _Generator(model, objective, state, state["grid"], dict(state["covariates"]), decoder)
 
 
 def load_generator(run_dir: Path, device: torch.device, step: int | None = None) -> _Generator:
     """EMA weights of checkpoint ``step`` (default: the newest valid one) in ``run_dir``, ready to sample."""
-    return _generator(_sampling_state(_resolve(run_dir, step)), device)
-
-
-def _pinned_path(out: Path) -> Path:
-    return Path(out) / STATE_DIR / PINNED
+    return _generator(_sampling_state(resolve(run_dir, step)), device)
 
 
 def _pin(run_dir: Path, out: Path, step: int | None, reuse: bool) -> tuple[Pin, dict[str, Any]]:
     """The checkpoint this plan samples from: the folder's own copy when it has one of that step (and ``reuse``),
     else the run's."""
-    if reuse and _pinned_path(out).is_file():
-        pin, state = _read_copy(out)
+    if reuse and pinned_path(out).is_file():
+        pin, state = read_copy(out)
         if step is None or step == pin.step:
             return pin, {**state, "from_copy": True}
-    info = _resolve(run_dir, step)
+    info = resolve(run_dir, step)
     state = _sampling_state(info)
-    pin = Pin(info.step, str(info.path), info.weights_sha256, checkpoint.weights_sha256(state["ema"]))
-    return pin, state
+    return pin_of(info, state["ema"]), state
 
 
 def _cohort(state: dict[str, Any], schema: dict[str, dict], opts: SampleOptions) -> tuple[dict[str, list], str]:
@@ -215,7 +191,7 @@ def _output_grid(state: dict[str, Any]) -> tuple[list[int], list[float], list[li
 
     A 2D model's sample is one slice: stored as a volume one voxel thick at the middle of the slice axis.
     """
-    grid = state["grid"]
+    grid = state["latent"]["source"] if state.get("latent") else state["grid"]
     shape = [int(s) for s in grid["shape"]]
     affine = np.asarray(grid["affine"], dtype=np.float64)
     spacing = [float(s) for s in grid["spacing"]]
@@ -247,6 +223,7 @@ class _SamplePlan:
     axis: int | None
     training_shards: str
     num_subjects: int
+    latent: dict[str, Any] | None = None  # a latent run's block: scale factor, autoencoder, source grid
     plan_sha256: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -266,8 +243,16 @@ class _SamplePlan:
                 "covariates": self.columns,
                 "num_subjects": self.num_subjects,
                 "grid": [self.shape, self.spacing, self.affine, self.axis],
+                **({"latent": self.latent} if self.latent else {}),
             }
         )
+
+    @property
+    def decoder_pin(self) -> Pin:
+        """The autoencoder a latent run decodes through, as the encode pinned it."""
+        assert self.latent is not None
+        ae = self.latent["autoencoder"]
+        return Pin(int(ae["step"]), str(ae["checkpoint"]), ae.get("weights_sha256"), str(ae["ema_sha256"]))
 
     @property
     def num_outputs(self) -> int:
@@ -302,6 +287,7 @@ class _SamplePlan:
             "training_shards": self.training_shards,
             "slice_axis": self.axis,
             "plan_sha256": self.plan_sha256,
+            **({"latent": _latent_provenance(self.latent)} if self.latent else {}),
         }
 
 
@@ -319,46 +305,32 @@ def _make_plan(run_dir: Path, out: Path, opts: SampleOptions, overwrite: bool) -
     shape, spacing, affine, axis = _output_grid(state)
     plan = _SamplePlan(
         run_dir, out, opts, pin, sampler, state["objective_config"], columns, source, schema,
-        shape, spacing, affine, axis, str(state["config"]["data"]["shards"]), n,
+        shape, spacing, affine, axis, str(state["config"]["data"]["shards"]), n, state.get("latent"),
     )  # fmt: skip
     plan.state = state  # type: ignore[attr-defined]  # on rank 0 only, for _keep_copy; never broadcast
     return plan
 
 
+def _latent_provenance(latent: dict[str, Any]) -> dict[str, Any]:
+    """What a sampled set records of a latent run: the autoencoder it was decoded through and the scale factor."""
+    return {key: latent[key] for key in ("scale_factor", "autoencoder", "source_shards")}
+
+
 def _keep_copy(plan: _SamplePlan) -> None:
     """Write the plan's own copy of the pinned weights into the output folder, unless it is there already."""
-    path = _pinned_path(plan.out)
     state = plan.__dict__.pop("state", None)
     if state is None or state.pop("from_copy", False):
         return
-    buf = io.BytesIO()
-    torch.save({**state, "pin": plan.pin.__dict__}, buf)
-    atomic_write(path, buf.getvalue())
+    path = keep_copy(plan.out, state, plan.pin)
     log.info("sample: pinned step %d (ema sha256 %s...) in %s", plan.pin.step, plan.pin.ema_sha256[:12], path)
-
-
-def _read_copy(out: Path) -> tuple[Pin, dict[str, Any]]:
-    path = _pinned_path(out)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return Pin(**state.pop("pin")), state
-    except Exception as e:  # torch raises several kinds for a bad archive
-        raise CheckpointError(
-            f"cannot load the plan's pinned weights {path}: {e}; sample into a new --out, or pass --overwrite to "
-            "pin the checkpoint again"
-        ) from e
 
 
 def _load_pinned(plan: _SamplePlan, device: torch.device) -> _Generator:
     """The plan's copy of the weights, checked against the plan's digest of them."""
-    path = _pinned_path(plan.out)
-    _, state = _read_copy(plan.out)
-    found = checkpoint.weights_sha256(state["ema"])
-    if found != plan.pin.ema_sha256:
-        raise CheckpointError(
-            f"{path}: EMA weights digest {found[:12]}... differs from the plan's {plan.pin.ema_sha256[:12]}... "
-            "(the copy changed on disk); rerun with --overwrite to pin again"
-        )
+    _, state = read_copy(plan.out)
+    check_copy(plan.out, plan.pin, state["ema"])
+    if state.get("latent"):
+        check_copy(plan.out, plan.decoder_pin, state["decoder"]["ema"])
     return _generator(state, device)
 
 
@@ -408,17 +380,21 @@ class _SampleJob:
         plan, device = self.plan, self.device
         axis = plan.axis
         spatial = [s for a, s in enumerate(plan.shape) if a != axis] if axis is not None else plan.shape
+        if self.gen.decoder is not None:
+            spatial = self.gen.grid["shape"]  # the latent grid; decoded onto plan.shape below
         cov = _tensors(plan.columns, plan.schema, rows, device)
         generators = [torch.Generator(device=device).manual_seed(seed_for(plan.opts.seed, i)) for i in rows]
         x = self.gen.objective.sample(
             self.gen.model,
-            (len(rows), 1, *spatial),
+            (len(rows), self.gen.model.cfg.in_channels, *spatial),
             cov,
             generators,
             plan.opts.steps,
             sampler=plan.sampler,
             guidance=plan.opts.guidance,
         )
+        if self.gen.decoder is not None:
+            x = self._decode(x)
         x = x.float().cpu().numpy()
         if not np.isfinite(x).all():
             raise DivergedError(
@@ -426,6 +402,14 @@ class _SampleJob:
                 "EMA weights; sample another --checkpoint"
             )
         return x if axis is None else np.expand_dims(x, 2 + axis)
+
+    @torch.no_grad()
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (n, C, d, h, w) back to the image scale and through the autoencoder, one subject at a time (a
+        subject's image does not depend on the batch it was sampled in)."""
+        assert self.gen.decoder is not None and self.plan.latent is not None
+        z = z / float(self.plan.latent["scale_factor"])
+        return torch.cat([self.gen.decoder.decode(z[i : i + 1]) for i in range(z.shape[0])])
 
     def finish(self, records: list[Record]) -> None:
         plan = self.plan

@@ -35,6 +35,7 @@ from hpcdiff.networks import (
     build_network,
     build_objective_from,
     check_input_size,
+    check_latent_data,
     model_kind,
 )
 from hpcdiff.runstate import RunDir
@@ -65,6 +66,7 @@ class _Parts:
     covariate_schema: dict[str, Any]
     grid: dict[str, Any]
     data_sha256: str
+    latent: dict[str, Any] | None  # the latent shards' block (scale factor, autoencoder, source grid); None: images
     step: int = 0
     position: int = 0
 
@@ -89,6 +91,8 @@ def _state(parts: _Parts, job: JobConfig, ctx: Context) -> dict[str, Any]:
         "grid": parts.grid,
         # Which subjects in which order the stream positions refer to: a resume on other data is refused.
         "data_sha256": parts.data_sha256,
+        # A latent run's samples are scaled back and decoded through this autoencoder onto the source grid.
+        "latent": parts.latent,
     }
 
 
@@ -151,7 +155,8 @@ def train(
     if job.train.deterministic:
         use_deterministic_kernels()
     torch.manual_seed(seed_for(job.train.seed, -1))
-    model_cfg = build_model_config(job, specs)
+    check_latent_data(job, shards.is_latent)
+    model_cfg = build_model_config(job, specs, shards.channels)
     check_input_size(job, model_cfg, shards.shape)
     model = build_network(model_cfg).to(device)
     objective = build_objective_from(job)
@@ -160,7 +165,7 @@ def train(
         model.parameters(), lr=job.optim.lr, betas=job.optim.betas, weight_decay=job.optim.weight_decay
     )
     schema = {s.name: shards.covariates[s.name] for s in specs}
-    parts = _Parts(model, ema, optimizer, model_cfg, schema, shards.grid, shards.data_sha256)
+    parts = _Parts(model, ema, optimizer, model_cfg, schema, shards.grid, shards.data_sha256, shards.latent)
     resumed = _resume(parts, ctx, run, changes, start_over=start_over, allow_data_change=allow_data_change)
     if changes and ctx.is_main:
         run.event("config_change", changes=changes)
@@ -203,6 +208,7 @@ def train(
         schema=parts.covariate_schema,
         grid_shape=shards.grid["shape"],
         device=device,
+        channels=shards.channels,
     )
     # DDP re-buckets gradients in the order they became ready after its first step. A resumed run's first step
     # would then all-reduce with another layout than the uninterrupted run's, and beyond 2 ranks the ring's
@@ -265,6 +271,8 @@ def _loop(
 ) -> int:
     device = ctx.device
     t_cfg, o_cfg = job.train, job.optim
+    # Latents are scaled to unit variance as in latent diffusion; image runs multiply by 1.0 (bitwise a no-op).
+    scale = float(parts.latent["scale_factor"]) if parts.latent else 1.0
     global_batch = job.data.batch_size * ctx.world_size
     batches = iter(loader)
     ema = _EMA(parts.ema, parts.model, o_cfg.ema_decay)
@@ -284,7 +292,7 @@ def _loop(
             batch = next(batches)
             data_wait += time.perf_counter() - tw
             # float16 as stored: half the bytes to move, and the device converts at memory speed.
-            x = batch.x.to(device, non_blocking=True).float()
+            x = batch.x.to(device, non_blocking=True).float() * scale
             cov = {k: v.to(device, non_blocking=True) for k, v in batch.covariates.items()} or None
             # Dropout inside the model draws from the global generator; everything else from one generator per
             # sample, seeded by its stream position: the same sample gets the same noise at any number of ranks.

@@ -82,6 +82,7 @@ def open_watch(
     schema: dict[str, dict],
     grid_shape: list[int],
     device: torch.device,
+    channels: int = 1,
 ) -> Watch:
     """The Watch of this rank for a run resumed at ``resume_step``; every rank calls it (see tensorboard_log)."""
     t = job.train
@@ -92,7 +93,9 @@ def open_watch(
     if t.tensorboard == "auto" and not tensorboard_on:
         log.info("TensorBoard logging is off: the tensorboard package is not installed (train.tensorboard: auto)")
     previewer = None
-    if t.preview_every:
+    if t.preview_every and channels > 1:
+        log.info("no previews for a latent run: its samples are latents (hpcdiff sample decodes them into images)")
+    elif t.preview_every:
         spatial = list(grid_shape)
         if job.data.mode == "2d":
             del spatial[job.data.slice_axis]

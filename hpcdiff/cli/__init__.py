@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 from hpcdiff.cli.analysis import add_stats
 from hpcdiff.cli.common import Parser
-from hpcdiff.cli.data import add_cohort, add_export, add_ingest, add_quality, add_sample, add_verify
+from hpcdiff.cli.data import add_cohort, add_encode, add_export, add_ingest, add_quality, add_sample, add_verify
 from hpcdiff.cli.plan import add_plan
 from hpcdiff.cli.runs import add_demo, add_inspect, add_logs, add_report, add_status, add_submit, add_train
 from hpcdiff.cli.system import add_cluster, add_doctor
@@ -62,6 +62,7 @@ COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_cluster,
     add_stats,
     add_sample,
+    add_encode,
     add_export,
     add_verify,
     add_quality,

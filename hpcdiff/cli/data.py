@@ -184,6 +184,51 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- encode
+def add_encode(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "encode", help="image shards -> latent shards through an autoencoder run (resumable, sliced across ranks)"
+    )
+    p.add_argument("shards", help="image shard directory (from ingest)")
+    p.add_argument("--run-dir", required=True, help="autoencoder run (model.kind autoencoder) whose EMA weights encode")
+    p.add_argument(
+        "--checkpoint",
+        type=int,
+        metavar="STEP",
+        help="autoencoder step (default: the newest valid checkpoint when the plan is first made; the plan keeps "
+        "its own copy of those weights)",
+    )
+    p.add_argument("--out", required=True, help="latent shard directory to create (a rerun completes it)")
+    p.add_argument("--subjects-per-shard", type=positive, default=64, metavar="K", help="subjects per shard")
+    p.add_argument(
+        "--threads", type=positive, default=1, help="intra-op threads per worker, part of the plan (default 1)"
+    )
+    add_task_options(p)
+    p.set_defaults(handler=_run_encode)
+
+
+def _run_encode(args: argparse.Namespace) -> int:
+    import os
+
+    from hpcdiff.batch import task_of
+    from hpcdiff.dist import detect_topology
+    from hpcdiff.encode import EncodeOptions, encode
+
+    task, num_tasks = task_of(args.task, args.num_tasks, os.environ)
+    opts = EncodeOptions(subjects_per_shard=args.subjects_per_shard, checkpoint=args.checkpoint, threads=args.threads)
+    r = encode(args.shards, args.run_dir, args.out, opts, task, num_tasks, overwrite=args.overwrite)
+    if r.manifest_written:
+        done = "manifest written: all shards done"
+    else:
+        done = "already finished" if r.finished else "other workers' shards still missing"
+    print(
+        f"encode: task {task} of {num_tasks}, rank {detect_topology().rank}: {r.shards_written} shard(s) written, "
+        f"{r.shards_skipped} already complete, of {r.num_shards} ({r.num_subjects} subjects, autoencoder step "
+        f"{r.step}) in {r.out}; {done}"
+    )
+    return 0
+
+
 # ---------------------------------------------------------------- export
 def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="shards -> NIfTI (float32) in a BIDS-derivatives layout (resumable)")

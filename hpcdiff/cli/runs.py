@@ -17,13 +17,18 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="whole pipeline on a built-in cohort, minutes on a laptop")
     p.add_argument("--out", default="demo-out", help="folder for every output (default: demo-out)")
     p.add_argument("--ranks", type=positive, default=2, help="MPI ranks for the parallel stages")
+    p.add_argument(
+        "--latent",
+        action="store_true",
+        help="the latent road at 2 mm: autoencoder, encode, diffusion on latents, sample (decoded), export, quality",
+    )
     p.set_defaults(handler=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from hpcdiff.demo import run_demo
 
-    return run_demo(Path(args.out), ranks=args.ranks)
+    return run_demo(Path(args.out), ranks=args.ranks, latent=args.latent)
 
 
 # ---------------------------------------------------------------- train

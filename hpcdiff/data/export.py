@@ -128,6 +128,7 @@ def _sidecar(image: str) -> str:
 
 def _plan(shards: Path, out: Path) -> _ExportJob:
     with ShardSet.open(shards) as s:
+        s.require_images("hpcdiff export")
         if s.num_subjects == 0:
             raise DataError(f"{shards} holds no subjects (see its quarantine.tsv, if any): nothing to export")
         full = s.subjects()

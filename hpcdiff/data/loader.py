@@ -111,7 +111,8 @@ class _Buffers:
 class Batch:
     """One rank's share of one step."""
 
-    x: torch.Tensor  # (b, 1, D, H, W) in 3d mode (or the patch size), (b, 1, *two remaining axes) in 2d mode; float16
+    # (b, C, D, H, W) in 3d mode (C = 1 for images; or the patch size), (b, 1, *two remaining axes) in 2d mode; float16
+    x: torch.Tensor
     covariates: dict[str, torch.Tensor]  # continuous: float32 raw values; categorical: int64 level index
     indices: torch.Tensor  # (b,) int64 global subject ids
     position: int  # stream position of this batch's first sample
@@ -178,7 +179,7 @@ class Loader:
         else:
             sample = tuple(s for a, s in enumerate(shards.shape) if a != slice_axis)
         # The consumer's batch, those queued, the one being read, and one the consumer has not dropped yet.
-        self._buffers = _Buffers((batch_size, 1, *sample), keep=prefetch + 3)
+        self._buffers = _Buffers((batch_size, shards.channels, *sample), keep=prefetch + 3)
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 

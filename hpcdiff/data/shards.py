@@ -30,10 +30,14 @@ import numpy as np
 
 from hpcdiff.atomic import atomic_write, file_sha256, write_text_atomic
 from hpcdiff.data.chunks import ChunkReader
-from hpcdiff.errors import ShardError
+from hpcdiff.errors import ShardError, UsageError
 
 FORMAT = "hpcdiff-shards"
 FORMAT_VERSION = 1
+"""Image shards: one channel. Written for them so that readers of version 1 keep reading every image set."""
+LATENT_VERSION = 2
+"""Shards of C channels (an autoencoder's latents): the manifest adds ``channels`` and ``latent``."""
+VERSIONS = (FORMAT_VERSION, LATENT_VERSION)
 MANIFEST = "manifest.json"
 SUBJECTS_TABLE = "subjects.json"
 LAYOUT_COLUMNS = ("shard", "row")
@@ -85,30 +89,30 @@ def write_shard(
 
     Args:
         path: final file name, e.g. ``SHARDS/shard-00003.h5``.
-        images: volumes, shape (k, 1, D, H, W); stored as float16, one LZ4 chunk per subject.
+        images: volumes, shape (k, C, D, H, W), C = 1 for images; stored as float16, one LZ4 chunk per subject.
         subjects: 1-D columns of length k: ``id``, ``session``, ``source_path``, ``source_sha256`` and covariates
             (strings are stored as utf-8, numbers as float64).
         attrs: extra file attributes (JSON-able scalars or strings), e.g. what the writer needs to skip it later.
     """
     path = Path(path)
     images = np.asarray(images)
-    if images.ndim != 5 or images.shape[1] != 1:
-        raise ValueError(f"images must have shape (k, 1, D, H, W), got {images.shape}")
-    k = images.shape[0]
+    if images.ndim != 5 or images.shape[1] < 1:
+        raise ValueError(f"images must have shape (k, C, D, H, W), got {images.shape}")
+    k, channels = images.shape[:2]
     for name, col in subjects.items():
         if len(col) != k:
             raise ValueError(f"subjects[{name!r}] has {len(col)} rows for {k} images")
-    spatial = images.shape[2:]
+    sample = images.shape[1:]
     # Built in memory, written with one plain write: an HDF5 file whose disk fills up mid-write cannot be closed,
     # and its objects, still alive at exit, crash the process (exit 139) after the error was reported.
     with h5py.File(f"{path}.{os.getpid()}.mem", "w", driver="core", backing_store=False, block_size=_GROW) as f:
-        # maxshape lets a shard whose inputs were all quarantined still hold a (0, 1, D, H, W) dataset.
+        # maxshape lets a shard whose inputs were all quarantined still hold a (0, C, D, H, W) dataset.
         dset = f.create_dataset(
             IMAGES,
             shape=images.shape,
-            maxshape=(None, 1, *spatial),
+            maxshape=(None, *sample),
             dtype=np.float16,
-            chunks=(1, 1, *spatial),
+            chunks=(1, *sample),
             **hdf5plugin.LZ4(),
         )
         for i in range(k):
@@ -119,7 +123,7 @@ def write_shard(
             group.create_dataset(name, data=arr, dtype=_STR if arr.dtype == object else np.float64)
         for key, value in (attrs or {}).items():
             f.attrs[key] = value
-        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["format_version"] = FORMAT_VERSION if channels == 1 else LATENT_VERSION
         f.attrs["num_subjects"] = k
         f.attrs["complete"] = True  # last: a file that has it was closed after everything above
         f.flush()
@@ -128,18 +132,23 @@ def write_shard(
     return ShardInfo(path.name, k, hashlib.sha256(image).hexdigest())
 
 
-def _check_open_shard(f: h5py.File, path: Path, expected: int | None) -> int:
-    """Return the subject count after checking the file's own consistency; raise ShardError if it is off."""
+def _check_open_shard(f: h5py.File, path: Path, expected: int | None, channels: int | None = None) -> int:
+    """Return the subject count after checking the file's own consistency; raise ShardError if it is off.
+
+    ``channels`` (from the manifest) is checked when given; version 1 files hold one channel.
+    """
     if not bool(f.attrs.get("complete", False)):
         raise ShardError(f"{path}: not marked complete (an interrupted write); rerun the job that writes it")
-    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        raise ShardError(f"{path}: format_version {f.attrs.get('format_version')} != {FORMAT_VERSION}")
+    version = int(f.attrs.get("format_version", -1))
+    if version not in VERSIONS:
+        raise ShardError(f"{path}: format_version {f.attrs.get('format_version')} is not one of {list(VERSIONS)}")
     k = int(f.attrs["num_subjects"])
     if IMAGES not in f or SUBJECTS not in f:
         raise ShardError(f"{path}: missing '{IMAGES}' or '{SUBJECTS}'")
     shape = f[IMAGES].shape
-    if len(shape) != 5 or shape[0] != k or shape[1] != 1:
-        raise ShardError(f"{path}: images have shape {shape}, expected ({k}, 1, D, H, W)")
+    c = 1 if version == FORMAT_VERSION else channels
+    if len(shape) != 5 or shape[0] != k or (c is not None and shape[1] != c):
+        raise ShardError(f"{path}: images have shape {shape}, expected ({k}, {c or 'C'}, D, H, W)")
     for name, dset in f[SUBJECTS].items():
         if dset.shape != (k,):
             raise ShardError(f"{path}: subjects/{name} has shape {dset.shape}, expected ({k},)")
@@ -179,9 +188,14 @@ def write_manifest(
     shards: Sequence[ShardInfo],
     provenance: Mapping[str, Any],
     subjects: Mapping[str, Sequence[Any]],
+    channels: int = 1,
+    latent: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``root/subjects.json`` then ``root/manifest.json``, each atomically; the manifest's presence means every
     listed shard and the subjects table are complete.
+
+    Image shards (one channel, no ``latent``) are written as format version 1, which every reader knows; latent
+    shards as version 2, with ``channels`` and the ``latent`` block (scale factor, source grid, autoencoder).
 
     Args:
         subjects: the whole subjects table in global order (shard by shard, row by row), one column per name:
@@ -192,9 +206,9 @@ def write_manifest(
     table = subjects_columns(subjects, counts)
     body = json.dumps({"columns": table}, separators=(",", ":")) + "\n"
     write_text_atomic(Path(root) / SUBJECTS_TABLE, body)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if latent is None and channels == 1 else LATENT_VERSION,
         "shape": [int(s) for s in shape],
         "spacing": [float(s) for s in spacing],
         "affine": np.asarray(affine, dtype=np.float64).tolist(),
@@ -209,6 +223,9 @@ def write_manifest(
         },
         "provenance": dict(provenance),
     }
+    if manifest["format_version"] == LATENT_VERSION:
+        manifest["channels"] = int(channels)
+        manifest["latent"] = dict(latent or {})
     write_text_atomic(Path(root) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
 
@@ -266,6 +283,8 @@ class ShardSet:
         self.affine = np.asarray(manifest["affine"], dtype=np.float64)
         self.num_subjects = int(manifest["num_subjects"])
         self.covariates: dict[str, Any] = manifest["covariates"]
+        self.channels = int(manifest.get("channels", 1))
+        self.latent: dict[str, Any] | None = manifest.get("latent")
         self.files = [self.root / s["file"] for s in manifest["shards"]]
         self.max_open = max_open
         self.threads = threads or _threads()
@@ -299,10 +318,10 @@ class ShardSet:
             manifest = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ShardError(f"{mpath}: unreadable ({e}); rerun the job that wrote {root}") from e
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format") != FORMAT or manifest.get("format_version") not in VERSIONS:
             raise ShardError(
                 f"{mpath}: format {manifest.get('format')!r} v{manifest.get('format_version')}, "
-                f"expected {FORMAT!r} v{FORMAT_VERSION}; rewrite it with this hpcdiff version"
+                f"expected {FORMAT!r} v{' or v'.join(map(str, VERSIONS))}; rewrite it with this hpcdiff version"
             )
         if not isinstance(manifest.get("subjects"), dict):
             raise ShardError(
@@ -313,6 +332,20 @@ class ShardSet:
         if verify:
             shards.verify()
         return shards
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the shards hold an autoencoder's latents (written by ``hpcdiff encode``) rather than images."""
+        return self.latent is not None
+
+    def require_images(self, command: str) -> None:
+        """Refuse latent shards (exit 2) where images are needed, saying what to give instead."""
+        if self.is_latent:
+            raise UsageError(
+                f"{self.root} holds latent shards ({self.channels} channels of an autoencoder's latent, written by "
+                f"hpcdiff encode), not images: {command} needs images. Give an image shard folder (from ingest, or "
+                "from hpcdiff sample, which decodes a latent run's samples into images)"
+            )
 
     @property
     def grid(self) -> dict[str, list]:
@@ -372,7 +405,7 @@ class ShardSet:
                 f"{path}: cannot open ({e}): missing, truncated or corrupt; delete it and rerun the job that wrote it"
             ) from e
         try:
-            _check_open_shard(f, path, expected)
+            _check_open_shard(f, path, expected, self.channels)
             if f[IMAGES].shape[2:] != self.shape:
                 raise ShardError(
                     f"{path}: volumes have shape {f[IMAGES].shape[2:]}, manifest says {self.shape}; the shard "
@@ -470,9 +503,18 @@ class ShardSet:
         return shard, index - int(self._offsets[shard])
 
     def read_into(self, index: int, out: np.ndarray, selection: tuple[Any, ...] = ()) -> None:
-        """Decode subject ``index`` (optionally a sub-selection of (D, H, W)) into ``out`` (float16)."""
+        """Decode subject ``index`` (optionally a sub-selection of (D, H, W)) into ``out`` (float16).
+
+        ``out`` has shape (D, H, W) for images and (C, d, h, w) for latent shards (read whole, through h5py: a
+        latent is small).
+        """
         shard, row = self._locate(index)
         with self._open(shard) as reader:
+            if self.channels > 1:
+                if selection:
+                    raise ValueError(f"{self.root}: latent shards are read whole, not by selection")
+                reader.dset.read_direct(out, source_sel=np.s_[row])
+                return
             if not selection and out.shape == self.shape:
                 reader.read_into(row, out)
                 return
@@ -487,8 +529,12 @@ class ShardSet:
     def read_batch_into(
         self, indices: Sequence[int], out: np.ndarray, selections: Sequence[tuple[Any, ...]] | None = None
     ) -> None:
-        """Decode subjects ``indices`` into ``out[i, 0]`` (float16, shape (n, 1, ...)) on several threads."""
-        jobs = [(int(index), out[i, 0], selections[i] if selections else ()) for i, index in enumerate(indices)]
+        """Decode subjects ``indices`` into ``out[i]`` (float16, shape (n, C, ...)) on several threads."""
+        one = self.channels == 1
+        jobs = [
+            (int(index), out[i, 0] if one else out[i], selections[i] if selections else ())
+            for i, index in enumerate(indices)
+        ]
         if len(jobs) < 2 or self.threads < 2:
             for job in jobs:
                 self.read_into(*job)
@@ -501,11 +547,11 @@ class ShardSet:
             future.result()
 
     def read(self, index: int) -> np.ndarray:
-        """One volume, shape (1, D, H, W), float32."""
+        """One volume, shape (C, D, H, W) (C = 1 for images), float32."""
         return self.read_many([index])[0]
 
     def read_many(self, indices: Sequence[int], dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Volumes of ``indices`` in that order, shape (n, 1, D, H, W), float32 unless ``dtype`` says otherwise."""
-        out = np.empty((len(indices), 1, *self.shape), dtype=np.float16)
+        """Volumes of ``indices`` in that order, shape (n, C, D, H, W), float32 unless ``dtype`` says otherwise."""
+        out = np.empty((len(indices), self.channels, *self.shape), dtype=np.float16)
         self.read_batch_into(indices, out)
         return out if out.dtype == np.dtype(dtype) else out.astype(dtype)

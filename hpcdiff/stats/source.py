@@ -31,8 +31,10 @@ def block_for(num_voxels: int) -> int:
 
 
 def open_shards(root: str | Path) -> ShardSet:
-    """Open a shard directory (ShardError naming the file when it is not one)."""
-    return ShardSet.open(root)
+    """Open an image shard directory (ShardError naming the file when it is not one; latent shards refused)."""
+    shards = ShardSet.open(root)
+    shards.require_images("hpcdiff stats")
+    return shards
 
 
 def _read_block(shards: ShardSet, rows: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
