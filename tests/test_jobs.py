@@ -29,3 +29,15 @@ def test_job_config_is_valid(path: Path):
 def test_the_ready_jobs_cover_2d_3d_demo_ukbiobank_and_latent():
     names = {p.name for p in TRAIN_JOBS}
     assert {"demo.yaml", "slices-2d.yaml", "volumes-3d.yaml", "ukbiobank-3d.yaml", "latent-demo.yaml"} <= names
+
+
+PIPELINES = sorted(p for p in (ROOT / "jobs").glob("*.yaml") if "stages:" in p.read_text())
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_config_is_valid(path: Path, tmp_path, monkeypatch):
+    from hpcdiff.launch.slurm.pipeline import jobs, load_pipeline
+
+    monkeypatch.chdir(ROOT)  # pipelines name their job configs relative to the repository
+    assert jobs(load_pipeline(path, run_dir=str(tmp_path / "p")))
+    assert {"pipeline.yaml", "latent-pipeline.yaml", "ukbiobank-latent-pipeline.yaml"} <= {p.name for p in PIPELINES}

@@ -60,6 +60,22 @@ EXAMPLES: dict[str, JobScript] = {
         options=SlurmOptions(partition="cpu", time="02:00:00", ntasks_per_node=4, cpus_per_task=2),
         array=4,
     ),
+    "encode": JobScript(
+        kind="encode",
+        command=hpcdiff_argv(
+            "encode",
+            DATA / "shards",
+            "--run-dir",
+            DATA / "runs/ae",
+            "--out",
+            DATA / "latents",
+            "--subjects-per-shard",
+            "64",
+            python=PY,
+        ),
+        options=SlurmOptions(partition="gpu", time="04:00:00", gpus_per_node=1, setup=["module load cuda/12.4"]),
+        array=16,
+    ),
     "stats": JobScript(
         kind="stats",
         command=hpcdiff_argv(
@@ -249,3 +265,79 @@ def test_randomise_stage_after_ingest_reads_its_shards_and_bad_stages_are_refuse
         spec.write_text(f"dir: d\nstages:\n  randomise: {stage}\n")
         with pytest.raises((ConfigError, UsageError), match=message):
             load_pipeline(spec)
+
+
+def test_latent_pipeline_chains_autoencoder_encode_and_train_on_the_latents(tmp_path):
+    root = tmp_path / "p dir"
+    pipe = load_pipeline(ROOT / "jobs" / "ukbiobank-latent-pipeline.yaml", run_dir=str(root))
+    stages = dict(jobs(pipe))
+    assert list(stages) == ["ingest", "autoencoder", "encode", "train", "sample"]
+    ae = _step(render(stages["autoencoder"]))
+    assert ae[3:5] == ["train", str(ROOT / "jobs" / "ukbiobank-autoencoder.yaml")]
+    assert ae[ae.index("--run-dir") + 1] == str(root / "autoencoder")
+    assert ae[ae.index("--set") + 1] == f"data.shards={root / 'shards'}"
+    text = render(stages["encode"])
+    assert stages["encode"].kind == "encode" and stages["encode"].array == 16 and stages["encode"].use_srun
+    assert "#SBATCH --array=0-15 " in text and "#SBATCH --gpus-per-node=1 " in text
+    assert "#SBATCH --job-name=hpcdiff-encode " in text
+    enc = _step(text)
+    assert enc[1:] == [
+        "-m", "hpcdiff", "encode", str(root / "shards"), "--run-dir", str(root / "autoencoder"),
+        "--out", str(root / "latents"), "--subjects-per-shard", "64",
+    ]  # fmt: skip
+    train = _step(render(stages["train"]))
+    assert train[3:5] == ["train", str(ROOT / "jobs" / "ukbiobank-latent.yaml")]
+    assert train[train.index("--set") + 1] == f"data.shards={root / 'latents'}"
+    sample = _step(render(stages["sample"]))
+    assert sample[sample.index("--run-dir") + 1] == str(root / "run")
+
+
+def test_latent_pipeline_submits_each_stage_after_the_one_before(tmp_path, monkeypatch):
+    from hpcdiff.launch.slurm import pipeline
+    from hpcdiff.launch.slurm.sbatch import Submission
+
+    calls = []
+
+    def fake_submit(script, output, dependency):
+        calls.append((script.name, dependency))
+        return Submission(job_id=str(100 + len(calls)), script=script, output=output, argv=[])
+
+    monkeypatch.setattr(pipeline, "submit", fake_submit)
+    pipe = load_pipeline(ROOT / "jobs" / "latent-pipeline.yaml", run_dir=str(tmp_path / "p"))
+    pipeline.submit_pipeline(pipe)
+    assert calls == [
+        ("autoencoder.sbatch", None),
+        ("encode.sbatch", "afterok:101"),
+        ("train.sbatch", "afterok:102"),
+        ("sample.sbatch", "afterok:103"),
+        ("stats.sbatch", "afterok:104"),
+    ]
+    enc = _step((tmp_path / "p" / "slurm" / "encode.sbatch").read_text())
+    # no ingest stage: encode reads the image shards the autoencoder trained on; stats compares against them
+    shards = str(ROOT / "demo-out" / "shards-2mm")
+    assert enc[4] == shards and enc[enc.index("--subjects-per-shard") + 1] == "8"
+    stats = _step((tmp_path / "p" / "slurm" / "stats.sbatch").read_text())
+    assert stats[5:7] == [shards, str(tmp_path / "p" / "synth")]
+
+
+def test_bad_latent_stages_are_refused_naming_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the configs below are relative to the repository
+    spec = tmp_path / "p.yaml"
+    ae = "autoencoder: {config: jobs/latent-demo.yaml}"
+    for stages, message in [
+        ("encode: {shards: s}", "stages.encode needs stages.autoencoder, or 'run_dir'"),
+        (f"{ae}\n  encode: {{run_dir: r}}", "stages.encode.run_dir: leave it out"),
+        ("encode: {run_dir: r}", "stages.encode needs 'shards'"),
+        (f"{ae}\n  encode: {{tasks: 0}}", "stages.encode.tasks"),
+        (f"{ae}\n  encode: {{args: [--out, x]}}", "--out is set by the pipeline"),
+        (f"{ae}\n  encode: {{subject_per_shard: 8}}", "did you mean 'subjects_per_shard'"),
+        (f"{ae}\n  train: {{config: jobs/latent-demo-diffusion.yaml}}", "stages.train after stages.autoencoder"),
+        ("autoencoder: {config: jobs/demo.yaml}\n  encode: {}", "stages.autoencoder.config: 'unet'"),
+    ]:
+        spec.write_text(f"dir: d\nstages:\n  {stages}\n")
+        with pytest.raises((ConfigError, UsageError), match=message):
+            load_pipeline(spec)
+    spec.write_text("dir: d\nstages:\n  encode: {run_dir: r, shards: s, tasks: 3}\n")
+    ((name, job),) = jobs(load_pipeline(spec, run_dir=str(tmp_path / "d")))
+    assert name == "encode" and job.array == 3
+    assert _step(render(job))[4:7] == [str(ROOT / "s"), "--run-dir", str(ROOT / "r")]

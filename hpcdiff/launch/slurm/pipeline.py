@@ -1,9 +1,12 @@
-"""Pipelines: ingest -> train -> sample -> stats -> randomise as dependent Slurm jobs, and which stage failed.
+"""Pipelines: ingest -> [autoencoder -> encode ->] train -> sample -> stats -> randomise as dependent Slurm jobs,
+and which stage failed.
 
 A pipeline YAML (jobs/pipeline.yaml) names a folder and the stages to run; each stage is a resumable hpcdiff job
 with its own sbatch script, started only when the one before it ended well (``--dependency=afterok``). A stage
 that fails makes Slurm cancel the ones after it (``--kill-on-invalid-dep=yes``) rather than leave them pending
-forever. Every stage appends a line per start, requeue and exit to DIR/stages.jsonl, so ``hpcdiff status DIR``
+forever. The latent road adds an autoencoder stage (a training job into DIR/autoencoder) and an encode stage
+(image shards -> DIR/latents, a job array); the train stage then trains on DIR/latents, and sampling decodes.
+Every stage appends a line per start, requeue and exit to DIR/stages.jsonl, so ``hpcdiff status DIR``
 says which stage failed from the folder alone; ``scontrol`` adds the live state while Slurm still knows the jobs.
 """
 
@@ -31,7 +34,7 @@ from hpcdiff.launch.slurm.sbatch import (
     write_script,
 )
 
-ORDER = ("ingest", "train", "sample", "stats", "randomise")
+ORDER = ("ingest", "autoencoder", "encode", "train", "sample", "stats", "randomise")
 STATE_FILE = "pipeline.json"
 STAGE_LOG = "stages.jsonl"
 
@@ -68,6 +71,37 @@ class TrainStage:
     """Overrides key=value, as with --set."""
     slurm: dict[str, Any] = field(default_factory=dict)
     """Slurm options of this stage (override the pipeline's)."""
+
+
+@dataclass(kw_only=True)
+class AutoencoderStage(TrainStage):
+    """The latent road's first training: the autoencoder (model.kind autoencoder) into DIR/autoencoder
+    (data.shards is DIR/shards when the pipeline ingests)."""
+
+
+@dataclass(kw_only=True)
+class EncodeStage:
+    """Image shards -> latent shards in DIR/latents through the autoencoder, as a job array; the train stage then
+    trains on DIR/latents."""
+
+    run_dir: str | None = None
+    """An autoencoder run trained before; default: the autoencoder stage's DIR/autoencoder."""
+    shards: str | None = None
+    """Image shards to encode; default: the ingest stage's DIR/shards, else the autoencoder's data.shards."""
+    subjects_per_shard: int = 64
+    """Subjects per latent shard."""
+    tasks: int = 1
+    """Array tasks sharing the work."""
+    args: list[str] = field(default_factory=list)
+    """More ``hpcdiff encode`` options, e.g. [--checkpoint, '100000', --threads, '4']."""
+    slurm: dict[str, Any] = field(default_factory=dict)
+    """Slurm options of this stage (override the pipeline's)."""
+
+    def __post_init__(self) -> None:
+        check(self.subjects_per_shard >= 1, "stages.encode.subjects_per_shard", "must be at least 1")
+        check(self.tasks >= 1, "stages.encode.tasks", "must be at least 1")
+        for flag in ("--run-dir", "--out", "--subjects-per-shard", "--task", "--num-tasks"):
+            check(flag not in self.args, "stages.encode.args", f"{flag} is set by the pipeline; leave it out")
 
 
 @dataclass(kw_only=True)
@@ -133,9 +167,12 @@ class RandomiseStage:
 
 @dataclass(kw_only=True)
 class Stages:
-    """The stages to run, in the order ingest, train, sample, stats, randomise; leave out what is not needed."""
+    """The stages to run, in the order ingest, autoencoder, encode, train, sample, stats, randomise; leave out what
+    is not needed."""
 
     ingest: IngestStage | None = None
+    autoencoder: AutoencoderStage | None = None
+    encode: EncodeStage | None = None
     train: TrainStage | None = None
     sample: SampleStage | None = None
     stats: StatsStage | None = None
@@ -147,7 +184,8 @@ class Pipeline:
     """A whole pipeline: where it writes, Slurm defaults, and its stages."""
 
     dir: str
-    """Folder of every output: shards/, run/, synth/, stats/, randomise/, slurm/, pipeline.json, stages.jsonl."""
+    """Folder of every output: shards/, autoencoder/, latents/, run/, synth/, stats/, randomise/, slurm/,
+    pipeline.json, stages.jsonl."""
     stages: Stages
     slurm: dict[str, Any] = field(default_factory=dict)
     """Slurm options for every stage (SlurmOptions keys: partition, account, time, gpus_per_node, ...)."""
@@ -172,15 +210,29 @@ def load_pipeline(path: Path, overrides: Sequence[str] = (), run_dir: str | None
         raise UsageError(f"{path}: stats action 'compare' needs stages.sample; use template, groupdiff or gamma")
     if pipe.stages.stats and not (pipe.stages.ingest or pipe.stages.train):
         raise UsageError(f"{path}: stages.stats needs stages.ingest or stages.train (where the real shards are)")
+    e = pipe.stages.encode
+    if e and not (e.run_dir or pipe.stages.autoencoder):
+        raise UsageError(f"{path}: stages.encode needs stages.autoencoder, or 'run_dir' (an autoencoder run)")
+    if e and e.run_dir and pipe.stages.autoencoder:
+        raise UsageError(f"{path}: stages.encode.run_dir: leave it out with stages.autoencoder (encode uses its run)")
+    if e and not (e.shards or pipe.stages.ingest or pipe.stages.autoencoder):
+        raise UsageError(f"{path}: stages.encode needs 'shards', or stages.ingest or stages.autoencoder to read them")
+    if pipe.stages.autoencoder and pipe.stages.train and not e:
+        raise UsageError(f"{path}: stages.train after stages.autoencoder needs stages.encode (the latents it learns)")
     r = pipe.stages.randomise
     if r and not (r.shards or pipe.stages.ingest or pipe.stages.train):
         raise UsageError(f"{path}: stages.randomise needs 'shards', or stages.ingest or stages.train to take them from")
     pipe.dir = str(Path(pipe.dir).expanduser().absolute())
     for name in present:
         options(pipe, name)  # refuse bad Slurm options now, not after hours in the queue
-    if pipe.stages.train:
-        from hpcdiff.train_config import load_job
+    from hpcdiff.train_config import load_job
 
+    if pipe.stages.autoencoder:
+        job = load_job(pipe.stages.autoencoder.config, _train_sets(pipe, "autoencoder"))
+        kind = job.model.get("kind", "unet")
+        if kind != "autoencoder":
+            raise UsageError(f"{path}: stages.autoencoder.config: {kind!r} is not model.kind autoencoder")
+    if pipe.stages.train:
         load_job(pipe.stages.train.config, _train_sets(pipe))
     return pipe
 
@@ -190,18 +242,28 @@ def options(pipe: Pipeline, stage: str) -> SlurmOptions:
 
 
 def _real_shards(pipe: Pipeline, root: Path) -> Path:
+    """The image shards: the ingest stage's, else those the encode stage reads, else the training data."""
     if pipe.stages.ingest:
         return root / "shards"
     from hpcdiff.train_config import load_job
 
+    if pipe.stages.encode:
+        if pipe.stages.encode.shards:
+            return Path(pipe.stages.encode.shards).absolute()
+        assert pipe.stages.autoencoder is not None  # load_pipeline checked it
+        return Path(load_job(pipe.stages.autoencoder.config, pipe.stages.autoencoder.set).data.shards)
     assert pipe.stages.train is not None  # load_pipeline checked it
     return Path(load_job(pipe.stages.train.config, pipe.stages.train.set).data.shards)
 
 
-def _train_sets(pipe: Pipeline) -> list[str]:
-    assert pipe.stages.train is not None
-    ingested = [f"data.shards={Path(pipe.dir) / 'shards'}"] if pipe.stages.ingest else []
-    return [*pipe.stages.train.set, *ingested]
+def _train_sets(pipe: Pipeline, stage: Literal["autoencoder", "train"] = "train") -> list[str]:
+    """The stage's --set overrides, and data.shards from the stage before it: latents for train after encode."""
+    train = getattr(pipe.stages, stage)
+    assert train is not None
+    root = Path(pipe.dir)
+    if stage == "train" and pipe.stages.encode:
+        return [*train.set, f"data.shards={root / 'latents'}"]
+    return [*train.set, *([f"data.shards={root / 'shards'}"] if pipe.stages.ingest else [])]
 
 
 def jobs(pipe: Pipeline) -> list[tuple[str, JobScript]]:
@@ -216,6 +278,18 @@ def jobs(pipe: Pipeline) -> list[tuple[str, JobScript]]:
         cmd += ["--strict"] if s.ingest.strict else []
         array = s.ingest.tasks if s.ingest.tasks > 1 else None
         out.append(("ingest", JobScript(kind="ingest", command=cmd, options=options(pipe, "ingest"), array=array)))
+    if s.autoencoder:
+        sets = _train_sets(pipe, "autoencoder")
+        ae = train_job(Path(s.autoencoder.config), root / "autoencoder", options(pipe, "autoencoder"), sets)
+        out.append(("autoencoder", ae))
+    if s.encode:
+        e = s.encode
+        ae_run = Path(e.run_dir).absolute() if e.run_dir else root / "autoencoder"
+        images = Path(e.shards).absolute() if e.shards else _real_shards(pipe, root)
+        cmd = hpcdiff_argv("encode", images, "--run-dir", ae_run, "--out", root / "latents")
+        cmd += ["--subjects-per-shard", str(e.subjects_per_shard), *e.args]
+        array = e.tasks if e.tasks > 1 else None
+        out.append(("encode", JobScript(kind="encode", command=cmd, options=options(pipe, "encode"), array=array)))
     if s.train:
         out.append(("train", train_job(Path(s.train.config), root / "run", options(pipe, "train"), _train_sets(pipe))))
     if s.sample:
@@ -265,7 +339,7 @@ def submit_pipeline(pipe: Pipeline, dry_run: bool = False) -> str:
             {"name": name, "job_id": sub.job_id, "array": job.array, "script": str(script), "output": sub.output}
         )
         atomic_write(root / STATE_FILE, json.dumps(record, indent=1).encode())  # after each: a partial submit shows
-        lines.append(f"{name:9s} job {sub.job_id}" + (f" (after {previous})" if previous else ""))
+        lines.append(f"{name:11s} job {sub.job_id}" + (f" (after {previous})" if previous else ""))
         previous = sub.job_id
     lines.append(f"follow it from any shell: hpcdiff status {root}")
     return "\n".join(lines)
@@ -334,7 +408,7 @@ def describe_pipeline(status: dict[str, Any]) -> str:
     for st in status["stages"]:
         live = st["slurm"]
         extra = f"  [slurm: {live['state']}]" if live else ""
-        lines.append(f"  {st['name']:9s} job {st['job_id']:>8s}  {st['state']}{extra}")
+        lines.append(f"  {st['name']:11s} job {st['job_id']:>8s}  {st['state']}{extra}")
     if status["failed_stage"]:
         lines.append(
             f"failed stage: {status['failed_stage']} (see {status['dir']}/slurm/{status['failed_stage']}-*.out)"

@@ -22,7 +22,7 @@ from typing import Literal
 from hpcdiff.config import check
 from hpcdiff.errors import UsageError
 
-Kind = Literal["train", "sample", "ingest", "stats", "randomise"]
+Kind = Literal["train", "sample", "ingest", "encode", "stats", "randomise"]
 
 # A #SBATCH value is read by sbatch, not by a shell: one word, no quotes, no comment sign, no backslash.
 _WORD = re.compile(r"^[A-Za-z0-9_.,:+=@&|!*%/\[\]()-]+$")
@@ -60,6 +60,12 @@ _ABOUT: dict[Kind, str] = {
 # task x ranks + rank). The task that finds every shard done writes quarantine.tsv and manifest.json. A shard
 # already complete and verified is skipped, so a rerun task (requeued, or resubmitted with --array=I) only redoes
 # what is missing.""",
+    "encode": """\
+# Encoding as a job array: every task plans the same latent shards from the image shards and the autoencoder's
+# checkpoint; task I of T (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) encodes its own slice, and srun's ranks
+# inside a task split it further (worker = task x ranks + rank). The task that finds every shard done writes
+# manifest.json with the latents' scale factor. A shard already complete and verified is skipped, so a rerun task
+# (requeued, or resubmitted with --array=I) only redoes what is missing.""",
     "stats": """\
 # Statistics: one job whose dask workers are processes on this node (--backend local --workers N, N = CPUs).
 # For more than one node, run the same command on a login node with --backend slurm --workers N instead: dask-jobqueue
