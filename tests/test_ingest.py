@@ -86,6 +86,7 @@ def test_h5dump_reads_an_ingested_shard(cohort, tmp_path):
     assert "( 2, 1, 24, 28, 24 )" in out.stdout and 'DATASET "source_sha256"' in out.stdout
 
 
+@pytest.mark.slow
 def test_killed_ingest_reruns_to_the_same_result(cohort, tmp_path):
     assert_ok(_ingest(cohort, tmp_path / "ref", "--subjects-per-shard", 1))
     out = tmp_path / "killed"
@@ -172,6 +173,7 @@ def test_quarantine_is_the_same_at_two_ranks(bad_bids, tmp_path):
     assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
 
 
+@pytest.mark.slow
 def test_two_array_tasks_give_the_shards_quarantine_and_manifest_of_one_process(bad_bids, tmp_path):
     assert_ok(_ingest(bad_bids, tmp_path / "one"))
     num_shards = len(json.loads((tmp_path / "one" / MANIFEST).read_text())["shards"])

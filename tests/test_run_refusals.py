@@ -21,6 +21,8 @@ from hpcdiff.runstate import RunDir
 from tests.datagen import blob_shards, job_yaml
 from tests.harness import HPCDIFF, assert_ok, child_env, hpcdiff
 
+pytestmark = pytest.mark.slow  # trains runs to refuse: left out of `make test-quick`
+
 
 def snapshot(run) -> dict[str, str]:
     return {

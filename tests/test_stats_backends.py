@@ -10,6 +10,8 @@ from hpcdiff.stats.backend import WORKER_BASE_BYTES, _log_directives, _scheduler
 from tests.harness import PYTHON, assert_ok, hpcdiff, mpirun, run
 from tests.stats_data import write_cohort_shards
 
+pytestmark = pytest.mark.slow  # starts dask clusters and mpirun ranks: left out of `make test-quick`
+
 GROUPDIFF = ["--group", "group", "--covariates", "age,sex", "--block", "5"]
 
 

@@ -9,6 +9,8 @@ import pytest
 from tests.harness import assert_ok, hpcdiff
 from tests.stats_data import write_cohort_shards
 
+pytestmark = pytest.mark.slow  # runs every stats command end to end: left out of `make test-quick`
+
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):

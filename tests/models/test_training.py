@@ -5,6 +5,8 @@ import torch
 
 from hpcdiff.models import CovariateSpec, ObjectiveConfig, UNet, UNetConfig, build_objective
 
+pytestmark = pytest.mark.slow  # trains models: left out of `make test-quick`
+
 COVARIATES = [
     CovariateSpec(name="age", kind="continuous", mean=60.0, std=10.0),
     CovariateSpec(name="sex", kind="categorical", levels=["F", "M"]),
