@@ -374,6 +374,8 @@ def test_stats_slurm_backend_with_workers_on_the_nodes_gives_the_local_maps(slur
     assert f"Slurm worker jobs: {memory / 1e9:.2f} GB each" in proc.stderr, proc.stderr
     assert f"#SBATCH --mem={slurm_format_bytes_ceil(memory)}" in proc.stderr
     assert f"--memory-limit {format_bytes(memory).replace(' ', '')}" in proc.stderr  # the worker's own limit
+    # No pause at 80% of that limit (a paused worker with nothing to spill waits forever: a hang, not an error).
+    assert "export DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE=False" in proc.stderr, proc.stderr
     # Worker logs on the shared file system, beside the outputs: each worker started on a node's bridge address
     # and registered with the scheduler on this host's bridge address.
     logs = [p.read_text() for p in sorted((out / ".hpcdiff" / "dask-workers").glob("*.err"))]

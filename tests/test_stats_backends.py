@@ -110,8 +110,8 @@ def test_slurm_worker_memory_follows_the_grid_and_the_block():
     small = worker_memory(12 * 14 * 12, block=5)
     assert WORKER_BASE_BYTES < small < WORKER_BASE_BYTES + (4 << 20)
     voxels = 96 * 112 * 96
-    # Above the peaks measured for groupdiff at this grid (0.66-0.72 GB, docs/benchmarks.md), and no fixed 2 GB.
-    assert 0.72e9 < worker_memory(voxels, block=2) < worker_memory(voxels) < 2e9
+    # Above the peaks measured for groupdiff at this grid (0.66-0.72 GB, docs/benchmarks.md), growing with the block.
+    assert 0.72e9 < worker_memory(voxels, block=2) < worker_memory(voxels) < 2.5e9
     assert worker_memory(2 * voxels) > worker_memory(voxels)
 
 

@@ -74,8 +74,20 @@ class BackendOptions:
 
 MNI_1MM_VOXELS = 182 * 218 * 182
 """Voxels of the 1 mm MNI grid: what worker memory is sized for when the grid is not known."""
-WORKER_BASE_BYTES = 512 << 20
-"""A worker process before any data: Python, numpy, torch, h5py, distributed (measured 0.37-0.60 GB resident)."""
+WORKER_BASE_BYTES = 1 << 30
+"""A worker process before any data: Python, numpy, torch, h5py, distributed (measured 0.36-0.60 GB resident).
+
+Twice the typical base, not the typical base: a worker near its limit does not slow down, it stops (see
+``WORKER_MEMORY_POLICY``), so the margin is where a machine's allocator or thread arenas differ from ours."""
+WORKER_MEMORY_POLICY = {
+    "DASK_DISTRIBUTED__WORKER__MEMORY__TARGET": "False",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__SPILL": "False",
+    "DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "False",
+}
+"""No spilling and no pausing in worker processes: a statistics task holds only its own block, so there is nothing
+to spill, and a worker paused at 80% of its limit waits forever (a job that hangs until its time limit). Without a
+pause, a worker past 95% is restarted by its nanny and the task fails with KilledWorker after a few tries: an error,
+not a hang."""
 BLOCK_COPIES = 3
 """Copies of one task's float64 block alive at once: the stored float16 read, its float64 copy, a centred copy."""
 SUMMARY_MAPS = 10
@@ -104,7 +116,7 @@ def _worker_env() -> dict[str, str]:
 
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(hpcdiff.__file__)))
     python_path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH", "")) if p)
-    return {"HDF5_PLUGIN_PATH": hdf5plugin.PLUGIN_PATH, "PYTHONPATH": python_path}
+    return {"HDF5_PLUGIN_PATH": hdf5plugin.PLUGIN_PATH, "PYTHONPATH": python_path, **WORKER_MEMORY_POLICY}
 
 
 @contextlib.contextmanager
