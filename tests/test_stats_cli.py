@@ -122,6 +122,20 @@ def test_compare_measures_a_weaker_synthetic_effect(cohort, tmp_path):
     assert _is_png(out / "d_scatter.png")
 
 
+def test_compare_measures_whether_the_synthetic_age_map_agrees(cohort, tmp_path):
+    # The real cohort's ventricles darken with age; one synthetic cohort obeys that, one has it reversed.
+    root, _ = cohort
+    ages = {}
+    for name, effect in (("obeys", -0.006), ("reversed", 0.006)):
+        write_cohort_shards(tmp_path / name, num_subjects=40, seed=5, age_effect=effect)
+        out = tmp_path / f"compare {name}"
+        assert_ok(hpcdiff("stats", "compare", root, tmp_path / name, "--covariates", "age,sex", "--out", out))
+        ages[name] = json.loads((out / "summary.json").read_text())["covariates"]["age"]
+    assert ages["obeys"]["real_significant_voxels"] > 0
+    assert ages["obeys"]["t_correlation"] > 0.3 and ages["obeys"]["sign_agreement"] > 0.9
+    assert ages["reversed"]["t_correlation"] < -0.3 and ages["reversed"]["sign_agreement"] < 0.1
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [

@@ -12,6 +12,7 @@ import numpy as np
 from hpcdiff.errors import DataError
 from hpcdiff.stats import figures
 from hpcdiff.stats.commands import group_difference
+from hpcdiff.stats.glm import fdr_bh, two_sided_p
 from hpcdiff.stats.outputs import save_json
 from hpcdiff.stats.prepare import StatsOptions, load_design, prepare
 from hpcdiff.stats.source import open_shards
@@ -50,6 +51,24 @@ def compare_maps(real: dict[str, np.ndarray], synth: dict[str, np.ndarray], alph
         "voxels_compared": int(where.sum()),
         "real_significant_voxels": int(sig.sum()),
         "synth_significant_voxels": int(np.sum(synth["q"] < alpha)),
+        "covariates": {
+            name[2:]: _covariate_agreement(real, synth, name, alpha) for name in real if name.startswith("t_")
+        },
+    }
+
+
+def _covariate_agreement(real: dict[str, np.ndarray], synth: dict[str, np.ndarray], name: str, alpha: float) -> dict:
+    """Agreement of one covariate's t maps (e.g. age): does the synthetic cohort obey the conditioning voxel by voxel?
+
+    Sign agreement is taken where the real covariate effect is FDR-significant, as for the group effect.
+    """
+    sig = fdr_bh(two_sided_p(real[name], real["df"])) < alpha
+    where = sig if sig.any() else np.ones_like(sig)
+    return {
+        "t_correlation": _corr(real[name], synth[name]),
+        "sign_agreement": float(np.mean(np.sign(real[name][where]) == np.sign(synth[name][where]))),
+        "voxels_compared": int(where.sum()),
+        "real_significant_voxels": int(sig.sum()),
     }
 
 
@@ -63,7 +82,8 @@ def run_compare(
     alpha: float = 0.05,
     options: StatsOptions | None = None,
 ) -> dict[str, Any]:
-    """Template correlation, group-difference correlation, sign agreement and effect-size ratio (summary.json)."""
+    """Template correlation, group-difference correlation, sign agreement, effect-size ratio and, per covariate
+    (e.g. age), the agreement of its t maps (summary.json)."""
     options = options or StatsOptions()
     started = time.perf_counter()
     out = Path(out)
