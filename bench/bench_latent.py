@@ -1,14 +1,14 @@
 """Cost of one synthetic volume: latent diffusion (decode included) against pixel-space diffusion, same steps and grid.
 
-Both UNets have the layout of jobs/latent-demo-diffusion.yaml (base 32, mults 1-2-2, one block per level, no
-attention: attention over the pixel grid's 11,200 coarsest positions would only widen the gap); the latent one
-works on the 4x20x28x20 latent of the demo autoencoder (base 16, mults 1-2-2, 4 channels), the pixel one on the
-80x112x80 image. Weights are random: the cost of a network evaluation does not depend on what it learned. Sampling
-is flow matching with Euler steps through ``FlowMatching.sample``, as ``hpcdiff sample`` runs it; the latent road
-adds one decode per volume. Also: one training step (forward and backward, batch 1) per subject for each.
-One process, ``--threads`` intra-op threads.
+Both UNets have the layout of jobs/latent-demo-diffusion.yaml (``--base`` channels, 16 there; mults 1-2-2, one block
+per level, no attention: attention over the pixel grid's 11,200 coarsest positions would only widen the gap); the
+latent one works on the 4x20x28x20 latent of the demo autoencoder (base 16, mults 1-2-2, 4 channels), the pixel one
+on the 80x112x80 image. Weights are random: the cost of a network evaluation does not depend on what it learned.
+Sampling is flow matching with Euler steps through ``FlowMatching.sample``, as ``hpcdiff sample`` runs it; the
+latent road adds one decode per volume. Also: one training step (forward and backward, batch 1) per subject for
+each. One process, ``--threads`` intra-op threads.
 
-    .venv/bin/python bench/bench_latent.py --steps 10
+    .venv/bin/python bench/bench_latent.py --steps 50 --base 16
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hpcdiff.models import Autoencoder, AutoencoderConfig, FlowMatching, UNet, U
 SHAPE = (80, 112, 80)
 
 
-def _unet(channels: int) -> UNet:
-    cfg = UNetConfig(dims=3, in_channels=channels, base_channels=32, channel_mults=(1, 2, 2), attention_levels=())
+def _unet(channels: int, base: int) -> UNet:
+    cfg = UNetConfig(dims=3, in_channels=channels, base_channels=base, channel_mults=(1, 2, 2), attention_levels=())
     return UNet(cfg).eval().requires_grad_(False)
 
 
@@ -53,6 +53,7 @@ def _train_step(model: UNet, objective: FlowMatching, shape: tuple[int, ...]) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="sampler steps (both roads)")
+    ap.add_argument("--base", type=int, default=16, help="UNet base channels (both roads; the latent demo's: 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=2, help="best of this many")
     args = ap.parse_args()
@@ -64,7 +65,7 @@ def main() -> None:
     latent_shape = (1, 4, *(s // f for s in SHAPE))
     pixel_shape = (1, 1, *SHAPE)
     objective = FlowMatching()
-    latent_net, pixel_net = _unet(4), _unet(1)
+    latent_net, pixel_net = _unet(4, args.base), _unet(1, args.base)
 
     def sample(net: UNet, shape: tuple[int, ...]) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)
@@ -77,7 +78,10 @@ def main() -> None:
     train_latent = _train_step(latent_net, objective, latent_shape)
     train_pixel = _train_step(pixel_net, objective, pixel_shape)
     total = t_latent + t_decode
-    print(f"grid {list(SHAPE)}, latent {list(latent_shape[1:])}, {args.steps} Euler steps, {args.threads} thread(s)")
+    print(
+        f"grid {list(SHAPE)}, latent {list(latent_shape[1:])}, UNet base {args.base}, {args.steps} Euler steps, "
+        f"{args.threads} thread(s)"
+    )
     print(f"latent sampling    {t_latent:8.2f} s/volume")
     print(f"latent decode      {t_decode:8.2f} s/volume")
     print(f"latent total       {total:8.2f} s/volume")
